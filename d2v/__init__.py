@@ -1,0 +1,11 @@
+"""d2v: fast data2vec 2.0 self-supervised pretraining.
+
+Public API: `d2v.ops` (fused ops), `d2v.masking` (mask generators), `Config`/`load_config`,
+`build_model`, `Trainer`. CLI: `d2v pretrain | probe | export` (also `python -m d2v`).
+"""
+__version__ = "0.1.0"
+
+from d2v.config import Config, ConfigError, load_config  # noqa: E402
+from d2v.registry import build_model, list_flavors  # noqa: E402
+
+__all__ = ["Config", "ConfigError", "load_config", "build_model", "list_flavors", "__version__"]

@@ -1,0 +1,105 @@
+"""Atomic checkpoints: a run never loses its last good checkpoint.
+
+Layout: <out_dir>/checkpoints/step_00001000/{state.pt, config.yaml} and a `latest` file naming the
+newest complete one. A checkpoint is written into a temporary folder, fsynced, renamed into place,
+and only then does `latest` move (itself via write-temp + rename); old ones beyond keep_last go last.
+A crash at any point leaves `latest` pointing to a complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def save_checkpoint(out_dir: str | Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_file(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    _write_file(latest_tmp, (name + "\n").encode())
+    os.replace(latest_tmp, root / LATEST)
+    _fsync_dir(root)
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists())
+    for p in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a checkpoints/ folder or a run folder; return the checkpoint folder."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        return p
+    for root in (p, checkpoint_root(p)):
+        latest = root / LATEST
+        if latest.is_file():
+            ck = root / latest.read_text().strip()
+            if (ck / STATE_FILE).is_file():
+                return ck
+            raise FileNotFoundError(f"{latest} names {ck.name}, which has no {STATE_FILE}")
+    raise FileNotFoundError(
+        f"no checkpoint at {p}: expected a folder with {STATE_FILE}, or a run folder with "
+        f"checkpoints/{LATEST}"
+    )
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, Path]:
+    """-> (state, config dict, checkpoint folder)."""
+    ck = resolve_checkpoint(path)
+    try:
+        state = torch.load(ck / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt or truncated file: say which
+        raise RuntimeError(f"cannot read checkpoint {ck / STATE_FILE}: {e}") from e
+    config = yaml.safe_load((ck / CONFIG_FILE).read_text())
+    return state, config, ck

@@ -1,0 +1,97 @@
+"""The `d2v` command line: pretrain, probe, export.
+
+  d2v pretrain --config configs/tiny_image.yaml [key=value ...] [--resume [DIR]] [--no-probe]
+  d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
+  d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from d2v.config import ConfigError
+
+
+def _pretrain(args) -> int:
+    from d2v.config import load_config
+    from d2v.probe import format_probe, run_probe
+    from d2v.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
+    summary = trainer.train()
+    f = summary["final"]
+    print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['wall_s']:.0f} s, "
+          f"{summary['samples_per_s']:.1f} images/s | loss {f.get('loss', float('nan')):.4f} "
+          f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
+          f"target_var {f.get('target_var', float('nan')):.3f} pred_var {f.get('pred_var', float('nan')):.3f}")
+    print(f"  checkpoint: {summary['checkpoint']}\n  metrics: {summary['metrics_csv']}\n"
+          f"  loss curve: {summary['loss_curve']}")
+    bad = summary["unreadable_files"]
+    if bad:
+        print(f"  skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    if cfg.train.probe_after and not args.no_probe:
+        print("\nprobing (frozen features, logistic regression) ...", flush=True)
+        print(format_probe(run_probe(summary["checkpoint"])))
+    return 0
+
+
+def _probe(args) -> int:
+    from d2v.probe import format_probe, run_probe
+
+    res = run_probe(args.checkpoint, pool=args.pool, shots=args.shots)
+    print(json.dumps(res, indent=2) if args.json else format_probe(res))
+    return 0
+
+
+def _export(args) -> int:
+    import torch
+
+    from d2v.checkpoint import load_checkpoint
+
+    state, cfg, ck = load_checkpoint(args.checkpoint)
+    torch.save({"student": state["model"], "teacher": state["teacher"], "config": cfg, "step": state["step"]},
+               args.out)
+    print(f"wrote {args.out}: student + teacher fp32 state dicts and config from {ck}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+    pt = sub.add_parser("pretrain", help="pretrain with data2vec 2.0 (then run the linear probe)")
+    pt.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_image.yaml")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    pt.add_argument("--resume", nargs="?", const=True, default=None,
+                    help="resume from train.out_dir's latest checkpoint, or from the given folder")
+    pt.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.set_defaults(fn=_pretrain)
+    pr = sub.add_parser("probe", help="linear probe of a checkpoint vs a random init")
+    pr.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    pr.add_argument("--pool", choices=("mean", "cls"), default=None)
+    pr.add_argument("--shots", type=int, default=None, help="examples per class for the few-shot probe")
+    pr.add_argument("--json", action="store_true", help="print the result as JSON")
+    pr.set_defaults(fn=_probe)
+    ex = sub.add_parser("export", help="write student + teacher weights and config to one .pt file")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(fn=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: resume with --resume (the last complete checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""One typed config tree for d2v, loaded from YAML recipes in configs/ with key=value overrides.
+
+Every field has a default and a one-line meaning; unknown keys and values of the wrong type are
+rejected with a message naming the dotted key. `model.flavor` selects an architecture preset from
+`d2v.registry` that the other `model.*` keys then override.
+
+References: ../shared/spec/data2vec2.md §0 and §6 (defaults); torchtitan config/configs.py (style).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the dotted key."""
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+
+
+def _range(key: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    if not (lo <= value <= hi) or (hi_open and value >= hi):
+        raise ConfigError(f"{key}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    dim: int = 128  # conv channels
+    kernel: int = 3  # conv kernel size (odd)
+    layers: int = 3  # conv layers
+    groups: int = 8  # conv groups
+    residual: bool = True  # residual after each layer whose channels are unchanged
+    input_dropout: float = 0.0  # dropout on encoder outputs before mask-noise insertion
+
+    def validate(self, p: str) -> None:
+        if self.kernel % 2 != 1:
+            raise ConfigError(f"{p}.kernel: must be odd ('same' padding), got {self.kernel}")
+        for k in ("dim", "layers", "groups"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{p}.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.dim % self.groups:
+            raise ConfigError(f"{p}.dim ({self.dim}) must be divisible by {p}.groups ({self.groups})")
+        _range(f"{p}.input_dropout", self.input_dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    modality: str = "image"  # only "image" so far
+    flavor: str = "tiny"  # architecture preset from d2v.registry, overridden by the keys below
+    image_size: int = 32  # input side in pixels
+    patch_size: int = 4  # patch side in pixels
+    in_chans: int = 3
+    embed_dim: int = 128  # D
+    depth: int = 4  # main blocks; targets come from their FFN outputs
+    prenet_depth: int = 0  # modality-specific blocks before the main blocks (never targets)
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    encoder_dropout: float = 0.0  # attention out-proj dropout
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the MLP
+    post_mlp_dropout: float = 0.0  # on the FFN branch before the residual add
+    layerdrop: float = 0.0  # whole-batch skip probability per main block (training only)
+    num_extra_tokens: int = 1  # learned CLS tokens prepended after masking
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self, p: str = "model") -> None:
+        _choice(f"{p}.modality", self.modality, ("image",))
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{p}.image_size ({self.image_size}) must be a multiple of "
+                              f"{p}.patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
+                              f"{p}.num_heads ({self.num_heads})")
+        if self.embed_dim % 4:
+            raise ConfigError(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), got {self.embed_dim}")
+        if self.depth < 1 or self.prenet_depth < 0 or self.num_extra_tokens < 0:
+            raise ConfigError(f"{p}: need depth >= 1, prenet_depth >= 0, num_extra_tokens >= 0")
+        for k in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "layerdrop"):
+            _range(f"{p}.{k}", getattr(self, k), 0.0, 1.0, hi_open=True)
+        self.decoder.validate(f"{p}.decoder")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(kw_only=True)
+class MaskingConfig:
+    mask_prob: float = 0.8  # fraction of tokens masked (inverse block masking keeps 1 - mask_prob)
+    mask_length: int = 3  # block side
+    mask_prob_adjust: float = 0.07  # inflates the number of block centres only
+    clone_batch: int = 16  # M: masked copies per sample sharing one teacher pass
+
+    def validate(self, p: str = "masking") -> None:
+        _range(f"{p}.mask_prob", self.mask_prob, 0.0, 1.0, hi_open=True)
+        if self.mask_length < 1 or self.clone_batch < 1:
+            raise ConfigError(f"{p}: mask_length and clone_batch must be >= 1")
+        _range(f"{p}.mask_prob_adjust", self.mask_prob_adjust, 0.0, 1.0)
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    average_top_k_layers: int = 10  # K: targets average the last K main blocks
+    instance_norm_target_layer: bool = True  # instance-norm each layer over tokens before averaging
+    final_norm: str = "layer"  # norm of the average: "none" | "layer" | "instance"
+    loss_beta: float = 0.0  # 0 = L2, > 0 = smooth L1 with this beta
+    loss_scale: Optional[float] = None  # None = 1/sqrt(D)
+    cls_loss: float = 0.01  # weight of the CLS regression onto the mean target
+    decoder_noise_std: float = 0.01  # masked slots enter the decoder as N(0, std^2)
+    min_target_var: float = 0.0  # collapse guard (0 = off): stop if target_var falls below
+    min_pred_var: float = 0.0  # collapse guard (0 = off): stop if pred_var falls below
+    collapse_check_after: int = 5000  # steps before the collapse guard is armed
+
+    def validate(self, p: str = "objective") -> None:
+        _choice(f"{p}.final_norm", self.final_norm, ("none", "layer", "instance"))
+        if self.average_top_k_layers < 1:
+            raise ConfigError(f"{p}.average_top_k_layers must be >= 1, got {self.average_top_k_layers}")
+        if self.loss_beta < 0 or self.cls_loss < 0 or self.decoder_noise_std < 0:
+            raise ConfigError(f"{p}: loss_beta, cls_loss and decoder_noise_std must be >= 0")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"{p}.loss_scale must be > 0 or null, got {self.loss_scale}")
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    ema_start: float = 0.9998  # teacher decay at step 0
+    ema_end: float = 0.99999  # decay reached at anneal_end_step (1.0 freezes the teacher)
+    anneal_end_step: int = 100000  # linear ramp length in optimizer steps
+
+    def validate(self, p: str = "ema") -> None:
+        _range(f"{p}.ema_start", self.ema_start, 0.0, 1.0)
+        _range(f"{p}.ema_end", self.ema_end, 0.0, 1.0)
+        if self.anneal_end_step < 0:
+            raise ConfigError(f"{p}.anneal_end_step must be >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    decay_1d: bool = False  # also decay biases / norms / CLS (the reference's audio base does)
+    warmup_steps: int = 50040  # linear warmup from 0, then cosine to min_lr
+    min_lr: float = 0.0
+    clip_norm: float = 4.0  # 0 = no clipping
+
+    def validate(self, p: str = "optim") -> None:
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.clip_norm < 0 or self.min_lr < 0:
+            raise ConfigError(f"{p}: lr, eps must be > 0; weight_decay, clip_norm, min_lr >= 0")
+        for i, b in enumerate(self.betas):
+            _range(f"{p}.betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{p}.warmup_steps must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 375300  # optimizer steps
+    batch_size: int = 16  # samples per step (each expands to clone_batch masked views)
+    seed: int = 0  # model init, data order, augmentation and masks
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; targets, norms and losses stay fp32)
+    num_threads: int = 0  # torch intra-op threads (0 = torch default)
+    out_dir: str = "runs/d2v"  # checkpoints, metrics.csv, loss-curve PNG
+    log_every: int = 10  # steps between metric logs (the only host syncs)
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    probe_after: bool = True  # run the linear probe when pretraining ends
+
+    def validate(self, p: str = "train") -> None:
+        _choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        for k in ("max_steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{p}.{k} must be >= 1, got {getattr(self, k)}")
+        if self.num_threads < 0:
+            raise ConfigError(f"{p}.num_threads must be >= 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: Optional[str] = None  # image folder (class subfolders optional); null = embedded digits
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
+    hflip: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # null-free per-channel normalisation
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 2  # DataLoader worker processes
+
+    def validate(self, p: str = "data") -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{p}.crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"{p}.crop_ratio: expected 0 < lo <= hi, got {self.crop_ratio}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{p}.std must be > 0, got {self.std}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{p}.num_workers must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    pool: str = "mean"  # features: "mean" of final patch tokens | "cls" output
+    shots: int = 10  # labelled examples per class for the few-shot probe (the full probe also runs)
+    seed: int = 0  # few-shot selection and validation split
+
+    def validate(self, p: str = "probe") -> None:
+        _choice(f"{p}.pool", self.pool, ("mean", "cls"))
+        if self.shots < 1:
+            raise ConfigError(f"{p}.shots must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.objective.average_top_k_layers > self.model.depth:
+            raise ConfigError(f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) "
+                              f"exceeds model.depth ({self.model.depth})")
+        return self
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = dict(d or {})
+        model = d.get("model")
+        if isinstance(model, dict):
+            from d2v.registry import flavor_defaults
+
+            flavor = model.get("flavor", ModelConfig().flavor)
+            merged = _deep_merge(flavor_defaults(flavor, key="model.flavor"), model)
+            d["model"] = merged
+        return _build(cls, d, "").validate()
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(names)}")
+        kwargs[k] = _coerce(hints[k], v, key)
+    return cls(**kwargs)
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
+    out = _deep_merge({}, d or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults when path is None) and apply key=value overrides."""
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    d = apply_overrides(d, overrides or [])
+    try:
+        return Config.from_dict(d)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None

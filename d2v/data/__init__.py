@@ -1,0 +1,44 @@
+"""Data pipeline: embedded digits dataset, image folders + augmentation + masks, resumable sampler.
+
+References: see d2v/data/embedded.py, d2v/data/images.py, d2v/data/sampler.py.
+"""
+from d2v.data.embedded import (
+    DIGITS32_MEAN,
+    DIGITS32_NUM_TEST,
+    DIGITS32_NUM_TRAIN,
+    DIGITS32_STD,
+    default_cache_dir,
+    prepare_digits,
+)
+from d2v.data.images import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderDataset,
+    InverseBlockMaskFn,
+    collate_images,
+    derive_seed,
+    make_inverse_block_mask_fn,
+    scan_image_folder,
+)
+from d2v.data.sampler import ResumableBatchSampler, build_image_loader
+
+__all__ = [
+    "DIGITS32_MEAN",
+    "DIGITS32_NUM_TEST",
+    "DIGITS32_NUM_TRAIN",
+    "DIGITS32_STD",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "InverseBlockMaskFn",
+    "ResumableBatchSampler",
+    "build_image_loader",
+    "collate_images",
+    "default_cache_dir",
+    "derive_seed",
+    "make_inverse_block_mask_fn",
+    "prepare_digits",
+    "scan_image_folder",
+]

@@ -1,0 +1,364 @@
+"""Image pipeline: folder scan, PIL decode + augmentation, per-item masks, collate.
+
+Legend: S image side, M masks (clones) per sample, T = grid*grid patch tokens, B batch.
+
+Determinism contract (exact resume, worker-independent results): `ImageFolderDataset.__getitem__`
+takes a *virtual* index v = epoch * len(dataset) + i (what `ResumableBatchSampler` yields); item i
+of epoch `epoch` draws ALL its randomness (crop, flip, then masks) from one `torch.Generator`
+seeded with `derive_seed("item", seed, epoch, i)`, never from a global RNG. Plain indices
+0..len-1 are simply epoch 0.
+
+References: torchvision RandomResizedCrop semantics (area/log-ratio sampling, 10 tries, center-crop
+fallback), MAE/data2vec 2.0 pretraining transforms (crop scale (0.2, 1.0), flip, ImageNet norm).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from d2v.masking import inverse_block_mask
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "derive_seed",
+    "scan_image_folder",
+    "random_resized_crop_box",
+    "ImageFolderDataset",
+    "collate_images",
+    "InverseBlockMaskFn",
+    "make_inverse_block_mask_fn",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+)  # compared case-insensitively
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
+_CROP_TRIES = 10  # random-resized-crop attempts before the center-crop fallback
+_WARN_FIRST = 5  # bad paths named in the init warning
+
+MaskFn = Callable[[torch.Generator], torch.Tensor]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Hash a tuple of ints/strings into a 63-bit seed (no collisions between nearby tuples,
+    unlike linear mixes such as seed*P + epoch*Q + i)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk_images(top: Path) -> list[Path]:
+    """All image files under `top`, recursively, following symlinks once, sorted by path.
+    Hidden files and directories (leading '.') are skipped."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # symlink loop or the same dir linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
+    return sorted(found)
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Scan an ImageFolder tree: returns (samples [(path, label)], classes), sorted and stable.
+
+    If top-level subdirectories of `root` hold images (searched recursively), each such
+    subdirectory is a class (sorted names, label = position); loose images directly in `root` are
+    then ignored with a warning. If there are no class subfolders, the images directly in `root`
+    are returned with label -1 and `classes` is empty."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [(d.name, _walk_images(d)) for d in subdirs]
+    per_class = [(name, files) for name, files in per_class if files]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    if per_class:
+        if loose:
+            warnings.warn(
+                f"{root}: ignoring {len(loose)} image(s) directly in the root because class "
+                f"subfolders exist, e.g. {loose[0]}",
+                stacklevel=2,
+            )
+        classes = [name for name, _ in per_class]
+        samples = [(p, label) for label, (_, files) in enumerate(per_class) for p in files]
+        return samples, classes
+    if not loose:
+        raise ValueError(
+            f"no image files under {root} (accepted extensions, case-insensitive: "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return [(p, -1) for p in loose], []
+
+
+def _check_header(path: Path) -> str | None:
+    """Open only the header (PIL is lazy); return None if it looks like an image, else a reason."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+        if w <= 0 or h <= 0:
+            return f"empty image size {w}x{h}"
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _decode_rgb(path: Path) -> Image.Image:
+    """Fully decode `path` as RGB (raises on truncated or corrupt pixel data)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _randint(g: torch.Generator, n: int) -> int:
+    """Uniform int in [0, n)."""
+    return int(torch.randint(0, n, (1,), generator=g))
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], g: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop box as PIL (left, top, right, bottom)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(_CROP_TRIES):
+        target_area = area * _uniform(g, scale[0], scale[1])
+        aspect = math.exp(_uniform(g, log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = _randint(g, height - h + 1)
+            left = _randint(g, width - w + 1)
+            return left, top, left + w, top + h
+    # fallback: the largest center crop whose aspect ratio is clamped into `ratio`
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """ImageFolder dataset with PIL decoding, MAE-style augmentation and optional per-item masks.
+
+    Item (see module docstring for indexing/determinism):
+      {"image": float (3, S, S) normalized, "label": int (-1 if unlabeled),
+       "index": int dataset index actually loaded (after any fallback),
+       "bad": list[str] paths that failed to decode for this item,
+       "mask": bool (M, T) from mask_fn(generator), only when mask_fn is given}"""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        train: bool = True,
+        crop_scale: Sequence[float] = (0.2, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int = 0,
+        mask_fn: MaskFn | None = None,
+        check_files: bool = True,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"ImageFolderDataset: image_size must be >= 1, got {image_size}")
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"ImageFolderDataset: crop_scale must be (lo, hi) with 0 < lo <= hi "
+                             f"<= 1, got {tuple(crop_scale)}")
+        if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f"ImageFolderDataset: crop_ratio must be (lo, hi) with 0 < lo <= hi, "
+                             f"got {tuple(crop_ratio)}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"ImageFolderDataset: mean/std must have 3 entries with std > 0, got "
+                             f"mean={tuple(mean)} std={tuple(std)}")
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.train = train
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
+        self.hflip = hflip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+        self.seed = int(seed)
+        self.mask_fn = mask_fn
+        self.bad_files: list[tuple[str, str]] = []
+
+        samples, self._classes = scan_image_folder(self.root)
+        if check_files:
+            kept = []
+            for path, label in samples:
+                reason = _check_header(path)
+                if reason is None:
+                    kept.append((path, label))
+                else:
+                    self.bad_files.append((str(path), reason))
+            if not kept:
+                p, why = self.bad_files[0]
+                raise ValueError(f"no readable images under {self.root}: {len(self.bad_files)} "
+                                 f"files failed, e.g. {p}: {why}")
+            if self.bad_files:
+                first = "; ".join(f"{p} ({why})" for p, why in self.bad_files[:_WARN_FIRST])
+                warnings.warn(f"{self.root}: skipping {len(self.bad_files)} unreadable image "
+                              f"file(s): {first}", stacklevel=2)
+            samples = kept
+        self._samples = samples
+
+    # ---- metadata -------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        return list(self._samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self._samples]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    # ---- items ----------------------------------------------------------------------------
+    def item_generator(self, epoch: int, index: int) -> torch.Generator:
+        """The generator that drives every random draw of item `index` in `epoch`."""
+        return torch.Generator().manual_seed(derive_seed("item", self.seed, epoch, index))
+
+    def _transform(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+        """PIL RGB image -> normalized float (3, S, S)."""
+        S = self.image_size
+        W, H = img.size
+        if self.train:
+            box = random_resized_crop_box(W, H, self.crop_scale, self.crop_ratio, g)
+            img = img.resize((S, S), resample=Image.Resampling.BICUBIC, box=box)
+            if self.hflip and _uniform(g, 0.0, 1.0) < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            # resize shorter side to S then center crop S x S == resize the centered
+            # min(W, H) square straight to S x S (one resampling, same geometry)
+            side = min(W, H)
+            left, top = (W - side) / 2.0, (H - side) / 2.0
+            img = img.resize((S, S), resample=Image.Resampling.BICUBIC,
+                             box=(left, top, left + side, top + side))
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3) in [0, 1]
+        x = torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def __getitem__(self, v: int) -> dict[str, Any]:
+        v = operator.index(v)
+        n = len(self._samples)
+        if v < 0:
+            raise IndexError(f"ImageFolderDataset: index must be >= 0 (virtual index "
+                             f"epoch * {n} + i), got {v}")
+        epoch, i = divmod(v, n)
+        g = self.item_generator(epoch, i)
+        bad: list[str] = []
+        reasons: list[str] = []
+        for k in range(_MAX_DECODE_TRIES):
+            j = (i + k) % n
+            path, label = self._samples[j]
+            try:
+                img = _decode_rgb(path)
+            except Exception as e:  # truncated / corrupt pixel data behind a valid header
+                reason = f"{type(e).__name__}: {e}"
+                warnings.warn(f"{path}: failed to decode ({reason}); falling back to index "
+                              f"{(j + 1) % n}", stacklevel=2)
+                bad.append(str(path))
+                reasons.append(f"{path}: {reason}")
+                continue
+            item: dict[str, Any] = {
+                "image": self._transform(img, g),  # (3, S, S)
+                "label": int(label),
+                "index": j,
+                "bad": bad,
+            }
+            if self.mask_fn is not None:
+                mask = self.mask_fn(g)  # (M, T), drawn after the augmentation
+                if mask.dim() != 2 or mask.dtype != torch.bool:
+                    raise TypeError(f"ImageFolderDataset: mask_fn must return a bool (M, T) "
+                                    f"tensor, got {mask.dtype} {tuple(mask.shape)}")
+                item["mask"] = mask
+            return item
+        raise RuntimeError(f"ImageFolderDataset: {_MAX_DECODE_TRIES} consecutive images failed "
+                           f"to decode starting at index {i}: " + "; ".join(reasons))
+
+
+def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items: image (B, 3, S, S), label/index int64 (B,), mask (B*M, T) bool sample-major
+    (rows b*M .. b*M+M-1 belong to sample b), bad = flat list of failed paths."""
+    if not items:
+        raise ValueError("collate_images: got an empty list of items")
+    out: dict[str, Any] = {
+        "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S)
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),  # (B,)
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),  # (B,)
+        "bad": [p for it in items for p in it.get("bad", [])],
+    }
+    has_mask = ["mask" in it for it in items]
+    if any(has_mask):
+        if not all(has_mask):
+            raise ValueError("collate_images: some items have a 'mask' and some do not")
+        out["mask"] = torch.cat([it["mask"] for it in items], dim=0)  # (B*M, T)
+    return out
+
+
+class InverseBlockMaskFn:
+    """Picklable per-item mask maker: generator -> bool (clone_batch, grid*grid), True = masked."""
+
+    def __init__(self, grid: int, clone_batch: int, mask_prob: float, mask_length: int,
+                 adjust: float) -> None:
+        if grid < 1 or clone_batch < 1:
+            raise ValueError(f"InverseBlockMaskFn: grid and clone_batch must be >= 1, got "
+                             f"grid={grid} clone_batch={clone_batch}")
+        self.grid = int(grid)
+        self.clone_batch = int(clone_batch)
+        self.mask_prob = float(mask_prob)
+        self.mask_length = int(mask_length)
+        self.adjust = float(adjust)
+
+    def __call__(self, generator: torch.Generator) -> torch.Tensor:
+        return inverse_block_mask(
+            self.clone_batch, self.grid, self.grid, mask_prob=self.mask_prob,
+            mask_length=self.mask_length, adjust=self.adjust, generator=generator,
+        )  # (M, T)
+
+    def __repr__(self) -> str:
+        return (f"InverseBlockMaskFn(grid={self.grid}, clone_batch={self.clone_batch}, "
+                f"mask_prob={self.mask_prob}, mask_length={self.mask_length}, "
+                f"adjust={self.adjust})")
+
+
+def make_inverse_block_mask_fn(grid: int, clone_batch: int, mask_prob: float, mask_length: int,
+                               adjust: float) -> InverseBlockMaskFn:
+    """data2vec 2.0 image masks for `ImageFolderDataset(mask_fn=...)`: M=clone_batch, T=grid**2."""
+    return InverseBlockMaskFn(grid, clone_batch, mask_prob, mask_length, adjust)

@@ -1,0 +1,73 @@
+"""The EMA teacher: a frozen copy of the student (minus the decoder) whose fp32 parameters follow
+theta_t <- d * theta_t + (1 - d) * theta_s after every optimizer step, with d ramped linearly.
+
+References: fairseq examples/data2vec/models/data2vec2.py (make_ema_teacher, set_num_updates),
+modalities/base.py (get_annealed_rate), fairseq/modules/ema_module.py; ../shared/spec/data2vec2.md §5.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from d2v import ops
+
+
+def ema_decay(step: int, start: float, end: float, anneal_end_step: int) -> float:
+    """Linear ramp in optimizer updates: start at step 0, end from anneal_end_step on."""
+    if step >= anneal_end_step or anneal_end_step == 0:
+        return end
+    return end - (end - start) * (1.0 - step / anneal_end_step)
+
+
+class EMATeacher:
+    """Owns the teacher module; `update(student, step)` runs after optimizer step `step` (1-based)."""
+
+    def __init__(self, student: nn.Module, start: float, end: float, anneal_end_step: int):
+        attached, student._teacher = student._teacher, []  # never copy a previous teacher
+        teacher = copy.deepcopy(student)
+        student._teacher = attached
+        teacher._teacher = []
+        teacher.modality_encoder.decoder = None  # decoders are student-only
+        teacher.float().eval().requires_grad_(False)
+        self.module = teacher
+        self.start, self.end, self.anneal_end_step = start, end, anneal_end_step
+        self._pair(student)
+        student.attach_teacher(teacher)
+
+    def _pair(self, student: nn.Module) -> None:
+        s_params = dict(student.named_parameters())
+        s_buffers = dict(student.named_buffers())
+        self.names = [n for n, _ in self.module.named_parameters()]
+        missing = [n for n in self.names if n not in s_params]
+        if missing:
+            raise KeyError(f"teacher parameters missing from the student: {missing[:5]}")
+        self._ema = [p for _, p in self.module.named_parameters()]
+        self._src = [s_params[n] for n in self.names]
+        # trainable student params are averaged; frozen ones and buffers (sin-cos table) are copied
+        self._avg = [i for i, p in enumerate(self._src) if p.requires_grad]
+        self._copy = [i for i, p in enumerate(self._src) if not p.requires_grad]
+        self._buffers = [(b, s_buffers[n]) for n, b in self.module.named_buffers() if n in s_buffers]
+
+    def decay(self, step: int) -> float:
+        return ema_decay(step, self.start, self.end, self.anneal_end_step)
+
+    @torch.no_grad()
+    def update(self, step: int) -> float:
+        """EMA step after optimizer update number `step`; returns the decay used (1.0 = frozen)."""
+        d = self.decay(step)
+        if d >= 1.0:
+            return d
+        ops.ema_update_([self._ema[i] for i in self._avg], [self._src[i] for i in self._avg], d)
+        for i in self._copy:
+            self._ema[i].copy_(self._src[i])
+        for b, s in self._buffers:
+            b.copy_(s)
+        return d
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)

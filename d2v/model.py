@@ -1,0 +1,163 @@
+"""The data2vec 2.0 model: student encoder + decoder, the objective, and the teacher's targets.
+
+One training step (see DESIGN.md): the student embeds each sample once, repeats it for the M
+clones, encodes only the kept tokens, and its decoder fills the masked slots from noise; the EMA
+teacher encodes the unmasked sample once; targets are the average of its instance-normed top-K FFN
+outputs, indexed per clone (never copied M times); the loss is L2 at masked positions plus the CLS
+regression. Model code knows nothing of optimizers, logging or checkpoints.
+
+Legend: B samples, M clones, R = B*M rows, T tokens, K kept, N = T - K masked per row,
+E extra (CLS) tokens, D width.
+
+References: fairseq examples/data2vec/models/data2vec2.py (forward, make_targets, d2v_loss);
+../shared/spec/data2vec2.md §1, §2, §9.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from d2v import ops
+from d2v.blocks import Block
+from d2v.config import ModelConfig, ObjectiveConfig
+from d2v.masking import MaskInfo
+from d2v.modalities.image import ImageEncoder
+
+# our module prefix -> the reference checkpoint's (fairseq data2vec_multi) prefix; the remaining key
+# suffixes are identical (blocks.{i}.{attn.qkv,attn.proj,norm1,mlp.fc1,mlp.fc2,norm2}, ...).
+REFERENCE_KEY_PREFIXES = {"modality_encoder.": "modality_encoders.IMAGE.", "blocks.": "blocks."}
+
+STAT_KEYS = ("loss", "loss_reg", "loss_cls", "target_var", "pred_var")
+
+
+def _bert_init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _std_over_tokens(y_ND: torch.Tensor) -> torch.Tensor:
+    """Mean over dims of the std across tokens (the reference's target_var / pred_var)."""
+    return y_ND.float().std(dim=0).mean()
+
+
+class Data2Vec2(nn.Module):
+    def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig):
+        super().__init__()
+        self.cfg, self.objective = cfg, objective
+        self.modality_encoder = ImageEncoder(cfg)
+        self.blocks = nn.ModuleList([
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout,
+                  cfg.attention_dropout, cfg.activation_dropout, cfg.post_mlp_dropout)
+            for _ in range(cfg.depth)
+        ])
+        self.decoder_dropout = nn.Dropout(cfg.decoder.input_dropout)
+        self.apply(_bert_init)
+        self.modality_encoder.reset_decoder_projection()
+        self._teacher: list[nn.Module] = []  # held outside the module tree: not trained, not in state_dict
+
+    # ----------------------------------------------------------------------------------- encoder
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        self._teacher[:] = [teacher]
+
+    @property
+    def teacher(self) -> nn.Module:
+        if not self._teacher:
+            raise RuntimeError("no teacher attached: build one with d2v.ema.EMATeacher(student)")
+        return self._teacher[0]
+
+    def encode(self, source: torch.Tensor, mask: MaskInfo | None = None, clones: int = 1,
+               collect_ffn: bool = False):
+        """source (B, ...) -> x (R, E + K, D) and the main blocks' FFN outputs (R, E + K, D) each.
+
+        With a mask, the local features are repeated for `clones` masked copies per sample
+        (sample-major rows) and only the kept tokens are encoded."""
+        me = self.modality_encoder
+        x = me.add_positions(me.local_features(source))  # (B, T, D)
+        if mask is not None:
+            if clones > 1:
+                x = x.repeat_interleave(clones, dim=0)  # (R, T, D)
+            x = ops.masked_gather(x, mask.ids_keep)  # (R, K, D)
+        x = me.contextualize(x)  # (R, E + K, D)
+        ffn = []
+        for blk in self.blocks:
+            if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
+                continue
+            x, t = blk(x)
+            if collect_ffn:
+                ffn.append(t)
+        return x, ffn
+
+    @torch.no_grad()
+    def extract_features(self, source: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Unmasked features for probing: mean of final patch tokens or the CLS output -> (B, D)."""
+        x, _ = self.encode(source)
+        E = self.modality_encoder.num_extra_tokens
+        if pool == "cls":
+            if E == 0:
+                raise ValueError("pool='cls' needs model.num_extra_tokens >= 1")
+            return x[:, 0].float()
+        return x[:, E:].mean(dim=1).float()
+
+    # ----------------------------------------------------------------------------------- targets
+    @torch.no_grad()
+    def make_targets(self, source: torch.Tensor) -> torch.Tensor:
+        """Teacher pass on the unmasked samples -> float32 targets (B, T, D)."""
+        teacher = self.teacher
+        teacher.eval()
+        _, ffn = teacher.encode(source, collect_ffn=True)
+        E = self.modality_encoder.num_extra_tokens
+        k = self.objective.average_top_k_layers
+        layers = [t[:, E:] for t in ffn[-k:]]  # K x (B, T, D), CLS stripped
+        return ops.build_targets(layers, instance_norm=self.objective.instance_norm_target_layer,
+                                 final_norm=self.objective.final_norm)
+
+    # ----------------------------------------------------------------------------------- objective
+    def forward(self, source: torch.Tensor, mask: MaskInfo) -> dict[str, torch.Tensor]:
+        """source (B, ...), mask over R = B*M rows -> dict of scalar tensors (no host sync).
+
+        loss = s * mean over masked tokens of sum_d l(pred, y) + cls_loss * s * sum over rows of
+        sum_d (cls - mean_T y)^2, s = loss_scale or 1/sqrt(D): the reference's (R + C) / N."""
+        B, R = source.shape[0], mask.ids_keep.shape[0]
+        if R % B:
+            raise ValueError(f"mask has {R} rows, not a multiple of the batch size {B}")
+        M, obj = R // B, self.objective
+        x, _ = self.encode(source, mask, clones=M)  # (R, E + K, D)
+        E = self.modality_encoder.num_extra_tokens
+        dec_in = self.decoder_dropout(x[:, E:])  # (R, K, D)
+        noise = torch.randn(R, mask.mask.shape[1], x.shape[-1], device=x.device, dtype=x.dtype)
+        full = ops.masked_scatter(dec_in, mask.ids_keep, noise * obj.decoder_noise_std)  # (R, T, D)
+        pred = self.modality_encoder.decoder(full)  # (R, T, D)
+
+        y = self.make_targets(source)  # (B, T, D) fp32
+        D = y.shape[-1]
+        sample = torch.arange(R, device=y.device) // M  # (R,) sample of each clone row
+        ids_masked = mask.ids_masked  # (R, N)
+        y_m = y[sample[:, None], ids_masked]  # (R, N, D), per-clone index into the shared targets
+        p_m = torch.gather(pred, 1, ids_masked.unsqueeze(-1).expand(-1, -1, D)).float()  # (R, N, D)
+        scale = obj.loss_scale if obj.loss_scale is not None else 1.0 / math.sqrt(D)
+        if obj.loss_beta == 0:
+            elem = (p_m - y_m).pow(2)
+        else:
+            elem = F.smooth_l1_loss(p_m, y_m, reduction="none", beta=obj.loss_beta)
+        n_masked = ids_masked.numel()
+        loss_reg = elem.sum() * scale / max(n_masked, 1)
+        out = {"loss_reg": loss_reg}
+        if obj.cls_loss > 0 and E > 0:
+            cls_target = y.mean(dim=1)[sample]  # (R, D): mean over tokens of the final targets
+            loss_cls = obj.cls_loss * scale * (x[:, 0].float() - cls_target).pow(2).sum()
+        else:
+            loss_cls = loss_reg.new_zeros(())
+        out["loss_cls"] = loss_cls
+        out["loss"] = loss_reg + loss_cls
+        with torch.no_grad():
+            out["target_var"] = _std_over_tokens(y_m.reshape(-1, D))
+            out["pred_var"] = _std_over_tokens(p_m.reshape(-1, D))
+        return out

@@ -1,0 +1,211 @@
+"""Single-process pretraining loop: AdamW, linear warmup + cosine, clipping, optional bf16 autocast,
+EMA teacher update after every optimizer step, atomic checkpoints and exact resume.
+
+Exact resume: the model, teacher, optimizer, step and RNG states are checkpointed; augmentation and
+masks are a pure function of (seed, epoch, sample index) and the batch sampler restarts at the saved
+step, so a resumed run sees the same batches and noise as an uninterrupted one.
+
+References: fairseq trainer.py / cosine_lr_scheduler.py; torchtitan trainer.py (no host sync in the
+hot loop: metrics are read only on log steps).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from d2v import ops
+from d2v.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from d2v.config import Config
+from d2v.ema import EMATeacher
+from d2v.masking import make_maskinfo
+from d2v.metrics import MetricsLogger, plot_loss_curve
+from d2v.model import STAT_KEYS
+from d2v.registry import build_model
+
+
+class CollapseError(RuntimeError):
+    """Target or prediction variance fell below the configured floor (representation collapse)."""
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer update number `step` (0-based): linear warmup from 0, cosine to min_lr."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    span = max(total - o.warmup_steps, 1)
+    progress = min((step - o.warmup_steps) / span, 1.0)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool) -> list[dict]:
+    """No weight decay on biases, 1-D params (norms) and extra tokens unless decay_1d (spec §4.5, §6.1)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or "extra_tokens" in name
+        (no_decay if skip and not decay_1d else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | bool | None = None, progress: bool = True,
+                 device: str | None = None, config_path: str | None = None):
+        self.cfg, self.progress, self.config_path = cfg, progress, config_path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.out_dir = Path(cfg.train.out_dir)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg).to(self.device)  # same seed -> same init as the probe's baseline
+        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.decay_1d),
+                                           lr=o.lr, betas=o.betas, eps=o.eps)
+        self.step = 0
+        if resume:
+            self._restore(self.out_dir if resume is True else resume)
+        from d2v.data.build import build_pretrain_data
+
+        self.dataset, self.loader = build_pretrain_data(cfg, start_step=self.step)
+        self.bad_files = {p for p, _ in getattr(self.dataset, "bad_files", [])}
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir, self.step, self._state(), self.cfg.to_dict(),
+                               self.cfg.train.keep_last)
+
+    def _restore(self, path) -> None:
+        state, _, ck = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.resumed_from = ck
+
+    # --------------------------------------------------------------------------------- loop
+    def banner(self) -> str:
+        cfg, n = self.cfg, sum(p.numel() for p in self.model.parameters())
+        ops_line = ", ".join(f"{k}={v['impl']}/{v['variant']}" for k, v in ops.backend().items())
+        why = next(iter(ops.backend().values()))["reason"]
+        lines = [
+            f"d2v pretrain | {cfg.model.modality}/{cfg.model.flavor} | {n / 1e6:.2f}M student params | "
+            f"device {self.device} | precision {cfg.train.precision} | threads {torch.get_num_threads()}",
+            f"  data: {len(self.dataset)} samples from {self.dataset_root()} "
+            f"({len(self.bad_files)} unreadable skipped) | batch {cfg.train.batch_size} x "
+            f"{cfg.masking.clone_batch} clones | steps {self.step}->{cfg.train.max_steps}",
+            f"  ops: {ops_line} ({why})",
+            f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.step else ""),
+        ]
+        return "\n".join(lines)
+
+    def dataset_root(self) -> str:
+        return str(getattr(self.dataset, "root", self.cfg.data.path))
+
+    def train(self) -> dict:
+        cfg, dev = self.cfg, self.device
+        print(self.banner(), flush=True)
+        logger = MetricsLogger(self.out_dir, resume_step=self.step, tensorboard=cfg.train.tensorboard)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        start_step, t_start = self.step, time.time()
+        t_log, n_log = time.time(), 0
+        last, ckpt = {}, None
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress,
+                   desc="pretrain", unit="step", dynamic_ncols=True)
+        it = iter(self.loader)
+        self.model.train()
+        while self.step < cfg.train.max_steps:
+            batch = next(it)
+            self.bad_files.update(batch.get("bad", []))
+            mask = make_maskinfo(batch["mask"]).to(dev, non_blocking=True)
+            source = batch["image"].to(dev, non_blocking=True)
+            with autocast:
+                out = self.model(source, mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
+                     if cfg.optim.clip_norm > 0 else None)
+            lr = lr_at(self.step, cfg)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+            self.step += 1
+            decay = self.teacher.update(self.step)
+            n_log += source.shape[0]
+            bar.update(1)
+
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                # sync point: the only host reads of device values in the loop
+                last = {k: float(out[k].detach()) for k in STAT_KEYS}
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"non-finite loss {last['loss']} at step {self.step}; "
+                                             f"last checkpoint: {ckpt or 'none'}")
+                now = time.time()
+                last.update(step=self.step, lr=lr, ema_decay=decay,
+                            grad_norm=float(gnorm) if gnorm is not None else None,
+                            samples_per_s=n_log / max(now - t_log, 1e-9), elapsed_s=now - t_start)
+                t_log, n_log = now, 0
+                logger.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tvar=f"{last['target_var']:.2f}",
+                                img_s=f"{last['samples_per_s']:.0f}")
+                self._collapse_guard(last)
+            if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps:
+                ckpt = self.save()
+        bar.close()
+        logger.close()
+        wall = time.time() - t_start
+        png = plot_loss_curve(logger.path, self.out_dir / "loss_curve.png")
+        done = self.step - start_step
+        return {
+            "steps": self.step, "steps_this_run": done, "wall_s": wall,
+            "samples_per_s": done * cfg.train.batch_size / max(wall, 1e-9),
+            "final": last, "checkpoint": str(ckpt or resolve_checkpoint(self.out_dir)),
+            "metrics_csv": str(logger.path), "loss_curve": str(png) if png else None,
+            "unreadable_files": sorted(self.bad_files),
+        }
+
+    def _collapse_guard(self, m: dict) -> None:
+        o = self.cfg.objective
+        if self.step < o.collapse_check_after:
+            return
+        if o.min_target_var > 0 and m["target_var"] < o.min_target_var:
+            raise CollapseError(f"target_var {m['target_var']:.4f} < objective.min_target_var "
+                                f"{o.min_target_var} at step {self.step}: the teacher collapsed; "
+                                f"try a lower optim.lr or a slower EMA")
+        if o.min_pred_var > 0 and m["pred_var"] < o.min_pred_var:
+            raise CollapseError(f"pred_var {m['pred_var']:.4f} < objective.min_pred_var "
+                                f"{o.min_pred_var} at step {self.step}: the student collapsed")

@@ -1,0 +1,100 @@
+"""The `d2v` command line end to end, as a user runs it: pretrain + probe on the embedded digits,
+pretraining on a user folder of JPEG/PNG files with a corrupt one, probe and export of a checkpoint,
+and clear errors (exit code 2) for bad config keys and unusable data.
+
+Run: .venv/bin/python -m pytest -q tests/test_cli.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import micro_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny_image.yaml")
+
+
+def d2v(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "d2v", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+def test_pretrain_then_probe_on_embedded_digits(tmp_path):
+    out = tmp_path / "run"
+    r = d2v("pretrain", "--config", TINY, "--no-progress", *micro_overrides(out, steps=4),
+            "train.probe_after=true")
+    assert r.returncode == 0, r.stderr
+    assert "d2v pretrain | image/tiny" in r.stdout and "done: 4 steps" in r.stdout
+    assert "linear probe" in r.stdout and "random_init" in r.stdout
+    res = json.loads((out / "probe.json").read_text())
+    assert res["n_train"] == 1000 and res["n_test"] == 797 and res["step"] == 4
+    for enc in ("pretrained", "teacher", "random_init"):
+        assert 10.0 <= res[enc]["full"] <= 100.0 and 0 <= res[enc]["10shot"] <= 100.0
+    assert (out / "loss_curve.png").is_file() and (out / "metrics.csv").is_file()
+
+
+def write_images(folder: Path, n_per_class=10):
+    rng = np.random.RandomState(0)
+    for cls, base in (("cats", 40), ("dogs", 200)):
+        d = folder / cls
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = np.clip(rng.normal(base, 30, size=(40 + i, 48, 3)), 0, 255).astype(np.uint8)
+            ext = "jpg" if i % 2 else "png"
+            Image.fromarray(arr).save(d / f"{i}.{ext}")
+
+
+@pytest.mark.slow
+def test_pretrain_on_user_folder_with_corrupt_file_then_probe_and_export(tmp_path):
+    data = tmp_path / "images"
+    write_images(data)
+    (data / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    out = tmp_path / "run"
+    r = d2v("pretrain", "--config", TINY, "--no-progress",
+            *micro_overrides(out, steps=3, **{"data.path": str(data), "train.batch_size": 4}))
+    assert r.returncode == 0, r.stderr
+    assert "20 samples" in r.stdout
+    assert "broken.jpg" in r.stdout + r.stderr  # reported by path
+    assert "skipped 1 unreadable" in r.stdout
+
+    p = d2v("probe", "--checkpoint", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["n_train"] == 16 and res["n_test"] == 4  # stratified 80/20 split of the labelled folder
+
+    exp = tmp_path / "export.pt"
+    e = d2v("export", "--checkpoint", str(out), "--out", str(exp))
+    assert e.returncode == 0, e.stderr
+    blob = torch.load(exp, map_location="cpu", weights_only=False)
+    assert set(blob) >= {"student", "teacher", "config", "step"} and blob["step"] == 3
+    assert any(k.startswith("blocks.0.attn.qkv") for k in blob["teacher"])
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path):
+    r = d2v("pretrain", "--config", TINY, "optim.learning_rate=0.1", f"train.out_dir={tmp_path}")
+    assert r.returncode == 2
+    assert "unknown config key 'optim.learning_rate'" in r.stderr and "tiny_image.yaml" in r.stderr
+
+
+def test_folder_of_only_bad_files_fails_clearly(tmp_path):
+    data = tmp_path / "bad"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(b"not a png")
+    r = d2v("pretrain", "--config", TINY, f"data.path={data}", f"train.out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    assert "no readable images" in r.stderr and str(data) in r.stderr
+
+
+def test_probe_without_checkpoint_fails_clearly(tmp_path):
+    r = d2v("probe", "--checkpoint", str(tmp_path))
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
