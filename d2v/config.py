@@ -113,7 +113,7 @@ class MaskingConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    average_top_k_layers: int = 10  # K: targets average the last K main blocks
+    average_top_k_layers: Optional[int] = None  # K: targets average the last K main blocks (null = all)
     instance_norm_target_layer: bool = True  # instance-norm each layer over tokens before averaging
     final_norm: str = "layer"  # norm of the average: "none" | "layer" | "instance"
     loss_beta: float = 0.0  # 0 = L2, > 0 = smooth L1 with this beta
@@ -126,7 +126,7 @@ class ObjectiveConfig:
 
     def validate(self, p: str = "objective") -> None:
         _choice(f"{p}.final_norm", self.final_norm, ("none", "layer", "instance"))
-        if self.average_top_k_layers < 1:
+        if self.average_top_k_layers is not None and self.average_top_k_layers < 1:
             raise ConfigError(f"{p}.average_top_k_layers must be >= 1, got {self.average_top_k_layers}")
         if self.loss_beta < 0 or self.cls_loss < 0 or self.decoder_noise_std < 0:
             raise ConfigError(f"{p}: loss_beta, cls_loss and decoder_noise_std must be >= 0")
@@ -153,7 +153,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.05
-    decay_1d: bool = False  # also decay biases / norms / CLS (the reference's audio base does)
+    decay_1d: bool = False  # also decay biases and 1-D params (norms), as the reference audio base does
     warmup_steps: int = 50040  # linear warmup from 0, then cosine to min_lr
     min_lr: float = 0.0
     clip_norm: float = 4.0  # 0 = no clipping
@@ -196,7 +196,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
     hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # null-free per-channel normalisation
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation (0..1 pixel units)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 2  # DataLoader worker processes
 
@@ -238,7 +238,8 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
-        if self.objective.average_top_k_layers > self.model.depth:
+        k = self.objective.average_top_k_layers
+        if k is not None and k > self.model.depth:
             raise ConfigError(f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) "
                               f"exceeds model.depth ({self.model.depth})")
         return self

@@ -83,10 +83,11 @@ def plot_loss_curve(csv_path: str | Path, png_path: str | Path) -> Path | None:
     axes[2].plot(steps, [r["lr"] for r in rows], label="lr")
     ax2 = axes[2].twinx()
     ax2.plot(steps, [r["ema_decay"] for r in rows], color="tab:red", label="ema_decay")
+    ax2.legend(loc="lower right", fontsize=8)
     axes[2].set_title("lr (left) and EMA decay (right)")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper right" if ax is axes[2] else "best", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -114,7 +114,7 @@ class Data2Vec2(nn.Module):
         teacher.eval()
         _, ffn = teacher.encode(source, collect_ffn=True)
         E = self.modality_encoder.num_extra_tokens
-        k = self.objective.average_top_k_layers
+        k = self.objective.average_top_k_layers or len(ffn)
         layers = [t[:, E:] for t in ffn[-k:]]  # K x (B, T, D), CLS stripped
         return ops.build_targets(layers, instance_norm=self.objective.instance_norm_target_layer,
                                  final_norm=self.objective.final_norm)

@@ -44,12 +44,13 @@ def lr_at(step: int, cfg) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool) -> list[dict]:
-    """No weight decay on biases, 1-D params (norms) and extra tokens unless decay_1d (spec §4.5, §6.1)."""
+    """No weight decay on biases and 1-D params (norms) unless decay_1d (spec §4.5, §6.1); like the
+    reference, the CLS token (1, E, D) is decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or "extra_tokens" in name
+        skip = p.ndim <= 1 or name.endswith(".bias")
         (no_decay if skip and not decay_1d else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -144,7 +145,7 @@ class Trainer:
         start_step, t_start = self.step, time.time()
         t_log, n_log = time.time(), 0
         last, ckpt = {}, None
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress,
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress, mininterval=1.0,
                    desc="pretrain", unit="step", dynamic_ncols=True)
         it = iter(self.loader)
         self.model.train()

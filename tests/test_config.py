@@ -81,3 +81,8 @@ def test_overrides_parse_yaml_and_flavor_then_fields():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_defaults_are_valid_and_k_defaults_to_all_blocks():
+    c = load_config(None)
+    assert c.objective.average_top_k_layers is None  # all main blocks (the reference's image base: 10 of 10)

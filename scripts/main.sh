@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: pretrain the tiny data2vec 2.0 ViT on the embedded digits, then the linear probe.
+# Extra arguments go to `d2v pretrain` (e.g. train.max_steps=300 or data.path=/my/images).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/d2v pretrain --config configs/tiny_image.yaml "$@"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create or refresh .venv with the pinned CPU environment and d2v installed in editable mode.
+# Idempotent: re-installs only when requirements-dev.txt, pyproject.toml or setup.py changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.d2v-installed
+want=$(cat requirements-dev.txt pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned requirements (CPU torch) and d2v (editable)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+# a CUDA torch here would mean a 5 GB download slipped in: fail loudly instead
+.venv/bin/python -c "import torch, d2v; assert torch.version.cuda is None or torch.cuda.is_available(), torch.__version__"
