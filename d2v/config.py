@@ -196,8 +196,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
     hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation (0..1 pixel units)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # per-channel normalisation in 0..1 pixel units; null = the embedded data's own statistics when
+    # data.path is null, else the ImageNet statistics (the reference's)
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
     num_workers: int = 2  # DataLoader worker processes
 
     def validate(self, p: str = "data") -> None:
@@ -206,7 +208,7 @@ class DataConfig:
             raise ConfigError(f"{p}.crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ConfigError(f"{p}.crop_ratio: expected 0 < lo <= hi, got {self.crop_ratio}")
-        if any(s <= 0 for s in self.std):
+        if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"{p}.std must be > 0, got {self.std}")
         if self.num_workers < 0:
             raise ConfigError(f"{p}.num_workers must be >= 0")

@@ -86,3 +86,14 @@ def test_missing_file():
 def test_defaults_are_valid_and_k_defaults_to_all_blocks():
     c = load_config(None)
     assert c.objective.average_top_k_layers is None  # all main blocks (the reference's image base: 10 of 10)
+
+
+def test_normalization_defaults_follow_the_data():
+    from d2v.data.build import normalization
+    from d2v.data.embedded import DIGITS32_MEAN
+    from d2v.data.images import IMAGENET_MEAN
+
+    assert normalization(load_config(CONFIGS / "tiny_image.yaml"))[0] == tuple(DIGITS32_MEAN)
+    assert normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.path=/x"]))[0] == tuple(IMAGENET_MEAN)
+    got = normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.mean=[0.1,0.2,0.3]"]))[0]
+    assert got == (0.1, 0.2, 0.3)

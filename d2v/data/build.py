@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from d2v.config import Config
-from d2v.data.embedded import prepare_digits
-from d2v.data.images import ImageFolderDataset, make_inverse_block_mask_fn
+from d2v.data.embedded import DIGITS32_MEAN, DIGITS32_STD, prepare_digits
+from d2v.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, make_inverse_block_mask_fn
 from d2v.data.sampler import build_image_loader
 
 
@@ -23,10 +23,19 @@ def pretrain_root(cfg: Config) -> Path:
     return root / "train" if _has_split(root) else root
 
 
+def normalization(cfg: Config) -> tuple[tuple, tuple]:
+    """(mean, std): the configured ones, else the embedded digits' or ImageNet's statistics."""
+    embedded = not cfg.data.path
+    mean = cfg.data.mean or (DIGITS32_MEAN if embedded else IMAGENET_MEAN)
+    std = cfg.data.std or (DIGITS32_STD if embedded else IMAGENET_STD)
+    return tuple(mean), tuple(std)
+
+
 def _dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageFolderDataset:
     d, m = cfg.data, cfg.model
+    mean, std = normalization(cfg)
     return ImageFolderDataset(root, image_size=m.image_size, train=train, crop_scale=d.crop_scale,
-                              crop_ratio=d.crop_ratio, hflip=d.hflip, mean=d.mean, std=d.std,
+                              crop_ratio=d.crop_ratio, hflip=d.hflip, mean=mean, std=std,
                               seed=cfg.train.seed, mask_fn=mask_fn)
 
 
