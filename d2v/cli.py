@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_image.yaml")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     pt.add_argument("--resume", nargs="?", const=True, default=None,
-                    help="resume from train.out_dir's latest checkpoint, or from the given folder")
+                    help="continue the run in train.out_dir from its latest checkpoint (or start it if "
+                         "it has none), or resume from the given checkpoint folder")
     pt.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.set_defaults(fn=_pretrain)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"d2v {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

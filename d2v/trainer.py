@@ -29,6 +29,35 @@ from d2v.model import STAT_KEYS
 from d2v.registry import build_model
 
 
+# keys that may differ between a checkpoint's config and the resuming run's (they change no numerics)
+RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
+                     "data.num_workers", "probe.pool", "probe.shots", "probe.seed"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _check_resume_config(saved: dict, current: dict, ck) -> None:
+    a, b = _flat(saved), _flat(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise ValueError(f"cannot resume from {ck}: the config differs in {shown}"
+                         f"{' ...' if len(diff) > 5 else ''} (start a new train.out_dir instead)")
+
+
+def _latest_or_none(out_dir: Path):
+    try:
+        return resolve_checkpoint(out_dir)
+    except FileNotFoundError:
+        return None
+
+
 class CollapseError(RuntimeError):
     """Target or prediction variance fell below the configured floor (representation collapse)."""
 
@@ -92,8 +121,17 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.decay_1d),
                                            lr=o.lr, betas=o.betas, eps=o.eps)
         self.step = 0
-        if resume:
-            self._restore(self.out_dir if resume is True else resume)
+        self.resumed_from = None
+        existing = _latest_or_none(self.out_dir)
+        if resume is True:  # --resume: continue the run in out_dir if it has a checkpoint, else start
+            if existing is not None:
+                self._restore(existing)
+        elif resume:  # --resume DIR: that checkpoint, which must exist
+            self._restore(resume)
+        elif existing is not None:
+            raise FileExistsError(
+                f"{self.out_dir} already holds a run (latest checkpoint {existing.name}); pass --resume to "
+                f"continue it, or set train.out_dir to a new folder (nothing was overwritten)")
         from d2v.data.build import build_pretrain_data
 
         self.dataset, self.loader = build_pretrain_data(cfg, start_step=self.step)
@@ -109,7 +147,8 @@ class Trainer:
                                self.cfg.train.keep_last)
 
     def _restore(self, path) -> None:
-        state, _, ck = load_checkpoint(path)
+        state, saved_cfg, ck = load_checkpoint(path)
+        _check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
         self.model.load_state_dict(state["model"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -129,7 +168,7 @@ class Trainer:
             f"({len(self.bad_files)} unreadable skipped) | batch {cfg.train.batch_size} x "
             f"{cfg.masking.clone_batch} clones | steps {self.step}->{cfg.train.max_steps}",
             f"  ops: {ops_line} ({why})",
-            f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.step else ""),
+            f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""),
         ]
         return "\n".join(lines)
 

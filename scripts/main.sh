@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/d2v pretrain --config configs/tiny_image.yaml "$@"
+# --resume: a second run continues (or, when finished, just re-probes) runs/tiny_image instead of
+# refusing to overwrite it
+exec .venv/bin/d2v pretrain --config configs/tiny_image.yaml --resume "$@"

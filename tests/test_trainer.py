@@ -126,3 +126,18 @@ def test_collapse_guard_stops_the_run(tmp_path):
     cfg = micro(tmp_path, steps=3, **{"objective.min_target_var": 5.0, "objective.collapse_check_after": 1})
     with pytest.raises(CollapseError, match="target_var .* < objective.min_target_var 5.0 at step 1"):
         Trainer(cfg, progress=False).train()
+
+
+def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
+    Trainer(micro(tmp_path, steps=3), progress=False).train()
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume"):
+        Trainer(micro(tmp_path, steps=3), progress=False)
+    done = Trainer(micro(tmp_path, steps=3), resume=True, progress=False)  # finished run: nothing to do
+    assert done.step == 3 and done.train()["steps_this_run"] == 0
+    longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3}), resume=True,
+                     progress=False)  # max_steps may change
+    assert longer.step == 3
+    with pytest.raises(ValueError, match="config differs in optim.lr"):
+        Trainer(micro(tmp_path, steps=3, **{"optim.lr": 0.5}), resume=True, progress=False)
+    fresh = Trainer(micro(tmp_path / "new", steps=3), resume=True, progress=False)  # nothing to resume
+    assert fresh.step == 0 and fresh.resumed_from is None
