@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from d2v.masking import inverse_block_mask
 
@@ -48,6 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
 _CROP_TRIES = 10  # random-resized-crop attempts before the center-crop fallback
 _WARN_FIRST = 5  # bad paths named in the init warning
+_PROGRESS_FROM = 5000  # files: show a progress bar for the start-up header check from this many
 
 MaskFn = Callable[[torch.Generator], torch.Tensor]
 
@@ -216,7 +218,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         samples, self._classes = scan_image_folder(self.root)
         if check_files:
             kept = []
-            for path, label in samples:
+            # header checks of a large folder take a while: show progress past a few thousand files
+            bar = tqdm(samples, desc=f"checking {self.root.name}", unit="file", mininterval=1.0,
+                       disable=len(samples) < _PROGRESS_FROM, leave=False)
+            for path, label in bar:
                 reason = _check_header(path)
                 if reason is None:
                     kept.append((path, label))
