@@ -22,6 +22,9 @@ def _pretrain(args) -> int:
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
     summary = trainer.train()
     f = summary["final"]
+    if summary["steps_this_run"] == 0:
+        print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} "
+              f"(raise train.max_steps to continue it)")
     print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['wall_s']:.0f} s, "
           f"{summary['samples_per_s']:.1f} images/s | loss {f.get('loss', float('nan')):.4f} "
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "

@@ -24,7 +24,7 @@ from d2v.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from d2v.config import Config
 from d2v.ema import EMATeacher
 from d2v.masking import make_maskinfo
-from d2v.metrics import MetricsLogger, plot_loss_curve
+from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from d2v.model import STAT_KEYS
 from d2v.registry import build_model
 
@@ -228,6 +228,9 @@ class Trainer:
         bar.close()
         logger.close()
         wall = time.time() - t_start
+        if not last:  # nothing ran (a finished run resumed): report its last logged metrics
+            rows = read_metrics(logger.path)
+            last = rows[-1] if rows else {}
         png = plot_loss_curve(logger.path, self.out_dir / "loss_curve.png")
         done = self.step - start_step
         return {

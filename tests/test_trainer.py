@@ -133,7 +133,9 @@ def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run.*--resume"):
         Trainer(micro(tmp_path, steps=3), progress=False)
     done = Trainer(micro(tmp_path, steps=3), resume=True, progress=False)  # finished run: nothing to do
-    assert done.step == 3 and done.train()["steps_this_run"] == 0
+    summary = done.train()
+    assert done.step == 3 and summary["steps_this_run"] == 0
+    assert summary["final"]["step"] == 3 and summary["final"]["loss"] > 0  # last logged metrics
     longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3}), resume=True,
                      progress=False)  # max_steps may change
     assert longer.step == 3
