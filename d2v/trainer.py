@@ -111,6 +111,11 @@ class Trainer:
         self.cfg, self.progress, self.config_path = cfg, progress, config_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out_dir = Path(cfg.train.out_dir)
+        existing = _latest_or_none(self.out_dir)
+        if not resume and existing is not None:  # checked before any model is built
+            raise FileExistsError(
+                f"{self.out_dir} already holds a run (latest checkpoint {existing.name}); pass --resume to "
+                f"continue it, or set train.out_dir to a new folder (nothing was overwritten)")
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
 
@@ -122,16 +127,10 @@ class Trainer:
                                            lr=o.lr, betas=o.betas, eps=o.eps)
         self.step = 0
         self.resumed_from = None
-        existing = _latest_or_none(self.out_dir)
-        if resume is True:  # --resume: continue the run in out_dir if it has a checkpoint, else start
-            if existing is not None:
-                self._restore(existing)
-        elif resume:  # --resume DIR: that checkpoint, which must exist
+        if resume is True and existing is not None:  # --resume: continue the run in out_dir, if any
+            self._restore(existing)
+        elif resume and resume is not True:  # --resume DIR: that checkpoint, which must exist
             self._restore(resume)
-        elif existing is not None:
-            raise FileExistsError(
-                f"{self.out_dir} already holds a run (latest checkpoint {existing.name}); pass --resume to "
-                f"continue it, or set train.out_dir to a new folder (nothing was overwritten)")
         from d2v.data.build import build_pretrain_data
 
         self.dataset, self.loader = build_pretrain_data(cfg, start_step=self.step)
