@@ -4,6 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# System packages behind the embedded speech and text defaults: espeak-ng (speech synthesis) and the
+# Debian fortunes collection (English text). Installed with apt when missing and we may (root/sudo).
+missing=()
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+[ -f /usr/share/games/fortunes/computers ] || missing+=(fortunes)
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    echo "[setup] apt-get install ${missing[*]}"
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+      $SUDO apt-get update -q >/dev/null 2>&1 && \
+      $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+  else
+    echo "[setup] warning: cannot install ${missing[*]} (no apt-get or no root/sudo): the embedded" \
+         "speech/text defaults need them; image runs and your own data work without" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv

@@ -17,11 +17,11 @@ from d2v.data.images import (
     ImageFolderDataset,
     InverseBlockMaskFn,
     collate_images,
-    derive_seed,
     make_inverse_block_mask_fn,
     scan_image_folder,
 )
-from d2v.data.sampler import ResumableBatchSampler, build_image_loader
+from d2v.data.sampler import ResumableBatchSampler, build_image_loader, build_loader
+from d2v.data.seed import derive_seed, seeded_generator
 
 __all__ = [
     "DIGITS32_MEAN",
@@ -35,10 +35,12 @@ __all__ = [
     "InverseBlockMaskFn",
     "ResumableBatchSampler",
     "build_image_loader",
+    "build_loader",
     "collate_images",
     "default_cache_dir",
     "derive_seed",
     "make_inverse_block_mask_fn",
     "prepare_digits",
     "scan_image_folder",
+    "seeded_generator",
 ]

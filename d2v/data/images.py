@@ -13,7 +13,6 @@ fallback), MAE/data2vec 2.0 pretraining transforms (crop scale (0.2, 1.0), flip,
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 import os
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from d2v.data.seed import derive_seed
 from d2v.masking import inverse_block_mask
 
 __all__ = [
@@ -52,13 +52,6 @@ _WARN_FIRST = 5  # bad paths named in the init warning
 _PROGRESS_FROM = 5000  # files: show a progress bar for the start-up header check from this many
 
 MaskFn = Callable[[torch.Generator], torch.Tensor]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """Hash a tuple of ints/strings into a 63-bit seed (no collisions between nearby tuples,
-    unlike linear mixes such as seed*P + epoch*Q + i)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _is_image(name: str) -> bool:

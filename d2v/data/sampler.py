@@ -17,14 +17,15 @@ dropping the tail).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from d2v.data.images import collate_images, derive_seed
+from d2v.data.images import collate_images
+from d2v.data.seed import derive_seed
 
-__all__ = ["ResumableBatchSampler", "build_image_loader"]
+__all__ = ["ResumableBatchSampler", "build_loader", "build_image_loader"]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -111,7 +112,7 @@ def _limit_worker_threads(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_image_loader(
+def build_loader(
     dataset: Dataset,
     *,
     batch_size: int,
@@ -121,19 +122,22 @@ def build_image_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    collate_fn: Callable = collate_images,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Infinite DataLoader over `dataset` (an ImageFolderDataset or anything that accepts virtual
-    indices) with ResumableBatchSampler(len(dataset), batch_size, drop_last=True) and
-    collate_images. Iterate it once and pull `next()` per step; batch k of the iterator is global
+    """Infinite DataLoader over `dataset` (anything that accepts virtual indices) with
+    `batch_sampler` (default ResumableBatchSampler(len(dataset), batch_size, drop_last=True)) and
+    `collate_fn`. Iterate it once and pull `next()` per step; batch k of the iterator is global
     step start_step + k."""
-    sampler = ResumableBatchSampler(
-        len(dataset), batch_size, seed=seed, start_step=start_step, drop_last=True,
-        rank=rank, world_size=world_size,
-    )
+    if batch_sampler is None:
+        batch_sampler = ResumableBatchSampler(
+            len(dataset), batch_size, seed=seed, start_step=start_step, drop_last=True,
+            rank=rank, world_size=world_size,
+        )
     return DataLoader(
         dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_images,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         worker_init_fn=_limit_worker_threads if num_workers > 0 else None,
@@ -142,3 +146,6 @@ def build_image_loader(
         # or a resumed run (which restores that RNG) would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+build_image_loader = build_loader  # the image pipeline's name for it (collate_images by default)
