@@ -28,6 +28,8 @@ class Attention(nn.Module):
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D/H)
+        if attn_bias is not None:  # (B or 1, H or 1, N, N) additive, fp32 -> the logits' dtype
+            attn_bias = attn_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
         )  # (B, H, N, D/H)

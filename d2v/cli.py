@@ -12,6 +12,8 @@ import sys
 
 from d2v.config import ConfigError
 
+SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
+
 
 def _pretrain(args) -> int:
     from d2v.config import load_config
@@ -26,7 +28,7 @@ def _pretrain(args) -> int:
         print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} "
               f"(raise train.max_steps to continue it)")
     print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['wall_s']:.0f} s, "
-          f"{summary['samples_per_s']:.1f} images/s | loss {f.get('loss', float('nan')):.4f} "
+          f"{summary['samples_per_s']:.1f} {SAMPLE_UNIT[cfg.model.modality]}/s | loss {f.get('loss', float('nan')):.4f} "
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
           f"target_var {f.get('target_var', float('nan')):.3f} pred_var {f.get('pred_var', float('nan')):.3f}")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics: {summary['metrics_csv']}\n"

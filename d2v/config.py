@@ -43,6 +43,8 @@ class DecoderConfig:
     groups: int = 8  # conv groups
     residual: bool = True  # residual after each layer whose channels are unchanged
     input_dropout: float = 0.0  # dropout on encoder outputs before mask-noise insertion
+    projection_layers: int = 1  # final projection: 1 = Linear(dim, D); 2 = Linear -> GELU -> Linear (text)
+    projection_ratio: float = 2.0  # hidden width of the 2-layer projection, as a multiple of dim
 
     def validate(self, p: str) -> None:
         if self.kernel % 2 != 1:
@@ -53,15 +55,32 @@ class DecoderConfig:
         if self.dim % self.groups:
             raise ConfigError(f"{p}.dim ({self.dim}) must be divisible by {p}.groups ({self.groups})")
         _range(f"{p}.input_dropout", self.input_dropout, 0.0, 1.0, hi_open=True)
+        _choice(f"{p}.projection_layers", self.projection_layers, (1, 2))
+        if self.projection_ratio <= 0:
+            raise ConfigError(f"{p}.projection_ratio must be > 0, got {self.projection_ratio}")
+
+
+MODALITIES = ("image", "audio", "text")
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    modality: str = "image"  # only "image" so far
+    modality: str = "image"  # "image" | "audio" | "text"; selects the flavor table and section defaults
     flavor: str = "tiny"  # architecture preset from d2v.registry, overridden by the keys below
-    image_size: int = 32  # input side in pixels
-    patch_size: int = 4  # patch side in pixels
-    in_chans: int = 3
+    # image
+    image_size: int = 32  # image: input side in pixels
+    patch_size: int = 4  # image: patch side in pixels
+    in_chans: int = 3  # image: input channels
+    # audio
+    conv_dim: int = 512  # audio: channels of the 7-layer waveform CNN (kernels/strides fixed, stride 320)
+    conv_pos_depth: int = 5  # audio: layers of the convolutional positional encoder
+    conv_pos_width: int = 95  # audio: positional conv kernel = max(3, conv_pos_width // conv_pos_depth)
+    conv_pos_groups: int = 16  # audio: groups of the positional convs
+    use_alibi: bool = False  # ALiBi attention bias with a learned per-head scale (audio)
+    # text
+    vocab_size: int = 50265  # text: embedding rows (the tokenizer must fit)
+    max_positions: int = 512  # text: learned positions (longest sequence)
+    # shared transformer
     embed_dim: int = 128  # D
     depth: int = 4  # main blocks; targets come from their FFN outputs
     prenet_depth: int = 0  # modality-specific blocks before the main blocks (never targets)
@@ -72,23 +91,38 @@ class ModelConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0  # inside the MLP
     post_mlp_dropout: float = 0.0  # on the FFN branch before the residual add
+    prenet_dropout: float = 0.0  # after the input LayerNorm, before the prenet blocks
     layerdrop: float = 0.0  # whole-batch skip probability per main block (training only)
-    num_extra_tokens: int = 1  # learned CLS tokens prepended after masking
+    num_extra_tokens: int = 1  # learned CLS tokens prepended after masking (image)
+    # teacher sharing (spec §5): which student parts the EMA teacher copies
+    ema_encoder_only: bool = False  # teacher = EMA main blocks only, fed the student's features (text)
+    ema_local_encoder: bool = True  # teacher has its own EMA feature extractor (image) or reuses the student's (audio)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def validate(self, p: str = "model") -> None:
-        _choice(f"{p}.modality", self.modality, ("image",))
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"{p}.image_size ({self.image_size}) must be a multiple of "
-                              f"{p}.patch_size ({self.patch_size})")
+        _choice(f"{p}.modality", self.modality, MODALITIES)
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
                               f"{p}.num_heads ({self.num_heads})")
-        if self.embed_dim % 4:
-            raise ConfigError(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), got {self.embed_dim}")
+        if self.modality == "image":
+            if self.image_size % self.patch_size:
+                raise ConfigError(f"{p}.image_size ({self.image_size}) must be a multiple of "
+                                  f"{p}.patch_size ({self.patch_size})")
+            if self.embed_dim % 4:
+                raise ConfigError(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), "
+                                  f"got {self.embed_dim}")
+        if self.modality == "audio":
+            if self.conv_dim < 1 or self.conv_pos_depth < 0 or self.conv_pos_width < 1:
+                raise ConfigError(f"{p}: need conv_dim >= 1, conv_pos_depth >= 0, conv_pos_width >= 1")
+            if self.conv_pos_depth and self.embed_dim % self.conv_pos_groups:
+                raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
+                                  f"{p}.conv_pos_groups ({self.conv_pos_groups})")
+        if self.modality == "text" and (self.vocab_size < 8 or self.max_positions < 2):
+            raise ConfigError(f"{p}: need vocab_size >= 8 and max_positions >= 2")
         if self.depth < 1 or self.prenet_depth < 0 or self.num_extra_tokens < 0:
             raise ConfigError(f"{p}: need depth >= 1, prenet_depth >= 0, num_extra_tokens >= 0")
-        for k in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout", "layerdrop"):
+        for k in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout",
+                  "prenet_dropout", "layerdrop"):
             _range(f"{p}.{k}", getattr(self, k), 0.0, 1.0, hi_open=True)
         self.decoder.validate(f"{p}.decoder")
 
@@ -192,14 +226,22 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: Optional[str] = None  # image folder (class subfolders optional); null = embedded digits
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
-    hflip: bool = True
-    # per-channel normalisation in 0..1 pixel units; null = the embedded data's own statistics when
-    # data.path is null, else the ImageNet statistics (the reference's)
+    # image folder (class subfolders optional) | audio manifest (.tsv) or folder | text file or folder;
+    # null = the modality's embedded default (digits / espeak-ng words / fortunes)
+    path: Optional[str] = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # image: RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # image: RandomResizedCrop aspect range
+    hflip: bool = True  # image: random horizontal flips
+    # image: per-channel normalisation in 0..1 pixel units; null = the embedded data's own statistics
+    # when data.path is null, else the ImageNet statistics (the reference's)
     mean: Optional[tuple[float, float, float]] = None
     std: Optional[tuple[float, float, float]] = None
+    sample_rate: int = 16000  # audio: decode rate; files at other rates are resampled
+    max_sample_size: Optional[int] = None  # audio: random crop of longer waveforms (samples); null = none
+    min_sample_size: Optional[int] = None  # audio: skip shorter files (samples); null = one CNN frame (400)
+    normalize: bool = True  # audio: per-utterance zero mean, unit variance
+    tokenizer: Optional[str] = None  # text: tokenizer.json; null = the run's own (trained on data.path)
+    tokens_per_sample: Optional[int] = None  # text: pretraining block length incl. <s>; null = model.max_positions
     num_workers: int = 2  # DataLoader worker processes
 
     def validate(self, p: str = "data") -> None:
@@ -212,11 +254,18 @@ class DataConfig:
             raise ConfigError(f"{p}.std must be > 0, got {self.std}")
         if self.num_workers < 0:
             raise ConfigError(f"{p}.num_workers must be >= 0")
+        if self.sample_rate < 1000:
+            raise ConfigError(f"{p}.sample_rate must be >= 1000 Hz, got {self.sample_rate}")
+        for k in ("max_sample_size", "min_sample_size"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ConfigError(f"{p}.{k} must be >= 1 or null, got {getattr(self, k)}")
+        if self.tokens_per_sample is not None and self.tokens_per_sample < 2:
+            raise ConfigError(f"{p}.tokens_per_sample must be >= 2, got {self.tokens_per_sample}")
 
 
 @dataclass(kw_only=True)
 class ProbeConfig:
-    pool: str = "mean"  # features: "mean" of final patch tokens | "cls" output
+    pool: str = "mean"  # features: "mean" of final tokens (padding excluded) | "cls" output
     shots: int = 10  # labelled examples per class for the few-shot probe (the full probe also runs)
     seed: int = 0  # few-shot selection and validation split
 
@@ -244,6 +293,12 @@ class Config:
         if k is not None and k > self.model.depth:
             raise ConfigError(f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) "
                               f"exceeds model.depth ({self.model.depth})")
+        m = self.model
+        if m.modality == "text" and (self.data.tokens_per_sample or 0) > m.max_positions:
+            raise ConfigError(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
+                              f"model.max_positions ({m.max_positions})")
+        if m.modality != "image" and self.probe.pool == "cls" and m.num_extra_tokens == 0:
+            raise ConfigError("probe.pool: 'cls' needs model.num_extra_tokens >= 1")
         return self
 
     def to_dict(self) -> dict:
@@ -251,14 +306,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """Defaults, then the modality's section defaults, then its flavor preset, then `d`."""
+        from d2v.registry import flavor_defaults, modality_defaults
+
         d = dict(d or {})
         model = d.get("model")
-        if isinstance(model, dict):
-            from d2v.registry import flavor_defaults
-
-            flavor = model.get("flavor", ModelConfig().flavor)
-            merged = _deep_merge(flavor_defaults(flavor, key="model.flavor"), model)
-            d["model"] = merged
+        if model is not None and not isinstance(model, dict):
+            raise ConfigError(f"model: expected a mapping of keys, got {model!r}")
+        model = dict(model or {})
+        modality = model.get("modality", ModelConfig().modality)
+        _choice("model.modality", modality, MODALITIES)
+        flavor = model.get("flavor", ModelConfig().flavor)
+        d = _deep_merge(modality_defaults(modality), d)
+        d["model"] = _deep_merge(flavor_defaults(flavor, modality, key="model.flavor"), model)
         return _build(cls, d, "").validate()
 
 

@@ -1,4 +1,5 @@
-"""The EMA teacher: a frozen copy of the student (minus the decoder) whose fp32 parameters follow
+"""The EMA teacher: a frozen copy of the student (minus the decoder, and per modality minus the parts
+it shares with the student: `Data2Vec2.strip_to_teacher`) whose fp32 parameters follow
 theta_t <- d * theta_t + (1 - d) * theta_s after every optimizer step, with d ramped linearly.
 
 References: fairseq examples/data2vec/models/data2vec2.py (make_ema_teacher, set_num_updates),
@@ -29,7 +30,7 @@ class EMATeacher:
         teacher = copy.deepcopy(student)
         student._teacher = attached
         teacher._teacher = []
-        teacher.modality_encoder.decoder = None  # decoders are student-only
+        teacher.strip_to_teacher()  # no decoder; per modality, no feature extractor / only the blocks
         teacher.float().eval().requires_grad_(False)
         self.module = teacher
         self.start, self.end, self.anneal_end_step = start, end, anneal_end_step

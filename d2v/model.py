@@ -24,11 +24,16 @@ from d2v import ops
 from d2v.blocks import Block
 from d2v.config import ModelConfig, ObjectiveConfig
 from d2v.masking import MaskInfo
-from d2v.modalities.image import ImageEncoder
+from d2v.modalities import build_modality_encoder
 
-# our module prefix -> the reference checkpoint's (fairseq data2vec_multi) prefix; the remaining key
-# suffixes are identical (blocks.{i}.{attn.qkv,attn.proj,norm1,mlp.fc1,mlp.fc2,norm2}, ...).
-REFERENCE_KEY_PREFIXES = {"modality_encoder.": "modality_encoders.IMAGE.", "blocks.": "blocks."}
+
+def reference_key_prefixes(modality: str = "image") -> dict[str, str]:
+    """Our module prefix -> the reference checkpoint's (fairseq data2vec_multi) prefix; the remaining
+    key suffixes of the blocks are identical (blocks.{i}.{attn.qkv,attn.proj,norm1,mlp.fc1,mlp.fc2,norm2})."""
+    return {"modality_encoder.": f"modality_encoders.{modality.upper()}.", "blocks.": "blocks."}
+
+
+REFERENCE_KEY_PREFIXES = reference_key_prefixes("image")
 
 STAT_KEYS = ("loss", "loss_reg", "loss_cls", "target_var", "pred_var")
 
@@ -38,6 +43,10 @@ def _bert_init(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):  # tokens and learned positions; the padding row stays zero
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
     elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
@@ -52,18 +61,21 @@ class Data2Vec2(nn.Module):
     def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig):
         super().__init__()
         self.cfg, self.objective = cfg, objective
-        self.modality_encoder = ImageEncoder(cfg)
+        self.modality_encoder = build_modality_encoder(cfg)
         self.blocks = nn.ModuleList([
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout,
                   cfg.attention_dropout, cfg.activation_dropout, cfg.post_mlp_dropout)
             for _ in range(cfg.depth)
         ])
         self.decoder_dropout = nn.Dropout(cfg.decoder.input_dropout)
-        self.apply(_bert_init)
+        with torch.no_grad():
+            self.apply(_bert_init)
         self.modality_encoder.reset_decoder_projection()
+        if cfg.modality == "audio":  # the reference re-initializes the feature projection with defaults
+            self.modality_encoder.project_features[1].reset_parameters()
         self._teacher: list[nn.Module] = []  # held outside the module tree: not trained, not in state_dict
 
-    # ----------------------------------------------------------------------------------- encoder
+    # ----------------------------------------------------------------------------------- teacher
     def attach_teacher(self, teacher: nn.Module) -> None:
         self._teacher[:] = [teacher]
 
@@ -73,49 +85,85 @@ class Data2Vec2(nn.Module):
             raise RuntimeError("no teacher attached: build one with d2v.ema.EMATeacher(student)")
         return self._teacher[0]
 
-    def encode(self, source: torch.Tensor, mask: MaskInfo | None = None, clones: int = 1,
-               collect_ffn: bool = False):
-        """source (B, ...) -> x (R, E + K, D) and the main blocks' FFN outputs (R, E + K, D) each.
-
-        With a mask, the local features are repeated for `clones` masked copies per sample
-        (sample-major rows) and only the kept tokens are encoded."""
+    def strip_to_teacher(self) -> "Data2Vec2":
+        """Turn this (deep-copied) model into the EMA teacher's module, keeping only the parts the
+        teacher averages (spec §5): never the decoder; with `ema_encoder_only` (text) only the main
+        blocks; without `ema_local_encoder` (audio) no feature extractor (the student's is used)."""
         me = self.modality_encoder
-        x = me.add_positions(me.local_features(source))  # (B, T, D)
-        if mask is not None:
-            if clones > 1:
-                x = x.repeat_interleave(clones, dim=0)  # (R, T, D)
-            x = ops.masked_gather(x, mask.ids_keep)  # (R, K, D)
-        x = me.contextualize(x)  # (R, E + K, D)
+        if self.cfg.ema_encoder_only:
+            self.modality_encoder = None
+        else:
+            me.decoder = None
+            if not self.cfg.ema_local_encoder:
+                for name in me.local_modules:
+                    setattr(me, name, None)
+        return self
+
+    # ----------------------------------------------------------------------------------- encoder
+    def encode(self, source: torch.Tensor | None = None, *, padding_mask: torch.Tensor | None = None,
+               mask: MaskInfo | None = None, clones: int = 1, collect_ffn: bool = False,
+               local: torch.Tensor | None = None, context: nn.Module | None = None):
+        """-> x (R, E + K, D), the main blocks' FFN outputs (R, E + K, D) each, and the token padding
+        mask (B, T) or None.
+
+        `source` goes through this model's feature extractor, unless its output `local` (B, T, D) is
+        given (then `padding_mask` is at token level). With a mask, the features are repeated for
+        `clones` masked copies per sample (sample-major rows) and only the kept tokens are encoded.
+        `context` contextualizes with another model's modality encoder (the text teacher uses the
+        student's)."""
+        if local is None:
+            local, padding_mask = self.modality_encoder.local_features(source, padding_mask)
+        ctx = context if context is not None else self.modality_encoder
+        x, bias = ctx.contextualize(local, mask, clones, padding_mask)  # (R, E + K, D)
         ffn = []
         for blk in self.blocks:
             if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
                 continue
-            x, t = blk(x)
+            x, t = blk(x, bias)
             if collect_ffn:
                 ffn.append(t)
-        return x, ffn
+        return x, ffn, padding_mask
 
     @torch.no_grad()
-    def extract_features(self, source: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-        """Unmasked features for probing: mean of final patch tokens or the CLS output -> (B, D)."""
-        x, _ = self.encode(source)
-        E = self.modality_encoder.num_extra_tokens
+    def extract_features(self, source: torch.Tensor, pool: str = "mean",
+                         padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unmasked features for probing: mean of the final tokens (padding excluded) or the CLS
+        output -> (B, D) float32."""
+        x, _, pad = self.encode(source, padding_mask=padding_mask)
+        E = self.num_extra_tokens
         if pool == "cls":
             if E == 0:
                 raise ValueError("pool='cls' needs model.num_extra_tokens >= 1")
             return x[:, 0].float()
-        return x[:, E:].mean(dim=1).float()
+        tokens = x[:, E:].float()  # (B, T, D)
+        if pad is None:
+            return tokens.mean(dim=1)
+        keep = (~pad).unsqueeze(-1).float()  # (B, T, 1)
+        return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return self.modality_encoder.num_extra_tokens
 
     # ----------------------------------------------------------------------------------- targets
     @torch.no_grad()
-    def make_targets(self, source: torch.Tensor) -> torch.Tensor:
-        """Teacher pass on the unmasked samples -> float32 targets (B, T, D)."""
-        teacher = self.teacher
+    def make_targets(self, source: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher pass on the unmasked samples -> float32 targets (B, T, D).
+
+        Image: the teacher's own EMA feature extractor on `source`. Audio: the student's features
+        `local` through the teacher's positional encoder, ALiBi scale, input LN and blocks. Text: the
+        student's features through the student's context encoder, then the teacher's blocks."""
+        teacher, cfg = self.teacher, self.cfg
         teacher.eval()
-        _, ffn = teacher.encode(source, collect_ffn=True)
-        E = self.modality_encoder.num_extra_tokens
+        if cfg.ema_encoder_only:
+            _, ffn, _ = teacher.encode(local=local, context=self.modality_encoder, collect_ffn=True)
+        elif not cfg.ema_local_encoder:
+            _, ffn, _ = teacher.encode(local=local, collect_ffn=True)
+        else:
+            _, ffn, _ = teacher.encode(source, collect_ffn=True)
+        E = self.num_extra_tokens
         k = self.objective.average_top_k_layers or len(ffn)
-        layers = [t[:, E:] for t in ffn[-k:]]  # K x (B, T, D), CLS stripped
+        layers = [t[:, E:] for t in ffn[-k:]]  # K x (B, T, D), extra tokens stripped
         return ops.build_targets(layers, instance_norm=self.objective.instance_norm_target_layer,
                                  final_norm=self.objective.final_norm)
 
@@ -129,14 +177,15 @@ class Data2Vec2(nn.Module):
         if R % B:
             raise ValueError(f"mask has {R} rows, not a multiple of the batch size {B}")
         M, obj = R // B, self.objective
-        x, _ = self.encode(source, mask, clones=M)  # (R, E + K, D)
-        E = self.modality_encoder.num_extra_tokens
+        local, _ = self.modality_encoder.local_features(source)  # (B, T, D), once per sample
+        x, _, _ = self.encode(local=local, mask=mask, clones=M)  # (R, E + K, D)
+        E = self.num_extra_tokens
         dec_in = self.decoder_dropout(x[:, E:])  # (R, K, D)
         noise = torch.randn(R, mask.mask.shape[1], x.shape[-1], device=x.device, dtype=x.dtype)
         full = ops.masked_scatter(dec_in, mask.ids_keep, noise * obj.decoder_noise_std)  # (R, T, D)
         pred = self.modality_encoder.decoder(full)  # (R, T, D)
 
-        y = self.make_targets(source)  # (B, T, D) fp32
+        y = self.make_targets(source, local.detach())  # (B, T, D) fp32
         D = y.shape[-1]
         sample = torch.arange(R, device=y.device) // M  # (R,) sample of each clone row
         ids_masked = mask.ids_masked  # (R, N)

@@ -1,6 +1,10 @@
 """Linear probe: logistic regression on frozen, unmasked encoder features, for the pretrained student,
 its EMA teacher and a randomly initialized encoder of the same shape (the same seed as the run's
-step-0 init), each on the full labelled train split and on a few-shot subset.
+step-0 init), each on the full labelled train split and on a few-shot subset, for every probe task of
+the modality (images: the class; speech: the spoken word and the speaker; text: the topic).
+
+The teacher is probed as the encoder it is during training: the student's modules with the teacher's
+EMA parameters laid over them (audio/text teachers share the student's feature extractor).
 
 Features are standardized with train statistics; the L2 strength is chosen by stratified
 cross-validation on the training features only; accuracy is measured on the held-out split.
@@ -9,6 +13,7 @@ References: ../shared/spec/probe_feasibility.md (10-shot digits probe as the tar
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -18,7 +23,7 @@ import torch
 
 from d2v.checkpoint import load_checkpoint
 from d2v.config import Config
-from d2v.data.build import build_probe_splits
+from d2v.data.build import ProbeTask, build_probe_tasks
 from d2v.registry import build_model
 from d2v.trainer import seed_everything
 
@@ -26,20 +31,19 @@ C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 @torch.no_grad()
-def extract_features(model, dataset, pool: str, device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(model, dataset, task: ProbeTask, pool: str, device,
+                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """-> features (N, D) float32 and labels (N,) int64, in dataset order."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                                         collate_fn=_collate_eval)
+                                         collate_fn=task.collate)
     feats, labels = [], []
-    for img, lab in loader:
-        feats.append(model.extract_features(img.to(device), pool=pool).cpu())
-        labels.append(lab)
+    for batch in loader:
+        pad = batch.get("padding_mask")
+        feats.append(model.extract_features(batch[task.source_key].to(device), pool=pool,
+                                            padding_mask=None if pad is None else pad.to(device)).cpu())
+        labels.append(batch["label"])
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
-
-
-def _collate_eval(items):
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -77,24 +81,45 @@ def _split(ds_all, seed: int):
     return sub(ds_all, tr.tolist()), sub(ds_all, te.tolist())
 
 
-def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int, device) -> dict:
-    """Probe each named encoder -> {name: {"full": acc, f"{shots}shot": acc}}."""
-    ds_train, ds_test = build_probe_splits(cfg)
-    labels = np.asarray(ds_train.labels)
-    if (labels < 0).any():
-        raise ValueError(f"the probe needs labelled images: {ds_train.root} has images outside class "
-                         f"subfolders (put each class in its own subfolder)")
-    if ds_test is None:
-        ds_train, ds_test = _split(ds_train, seed)
+def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int, device,
+                   run_dir: Path | None = None) -> dict:
+    """Probe each named encoder on every task -> {task: {name: {"full": acc, f"{shots}shot": acc},
+    "n_train": .., "n_test": .., "classes": ..}}."""
     results = {}
-    for name, model in encoders.items():
-        x_tr, y_tr = extract_features(model, ds_train, pool, device)
-        x_te, y_te = extract_features(model, ds_test, pool, device)
-        few = few_shot_indices(y_tr, shots, seed)
-        results[name] = {"full": logreg_accuracy(x_tr, y_tr, x_te, y_te, seed),
+    for task in build_probe_tasks(cfg, run_dir):
+        ds_train, ds_test = task.train, task.test
+        labels = np.asarray(ds_train.labels)
+        if (labels < 0).any():
+            raise ValueError(f"the probe needs labelled data: {ds_train.root} has unlabelled examples "
+                             f"(put each class in its own subfolder, or give a label column)")
+        if ds_test is None:
+            ds_train, ds_test = _split(ds_train, seed)
+        res = {}
+        for name, model in encoders.items():
+            x_tr, y_tr = extract_features(model, ds_train, task, pool, device)
+            x_te, y_te = extract_features(model, ds_test, task, pool, device)
+            few = few_shot_indices(y_tr, shots, seed)
+            res[name] = {"full": logreg_accuracy(x_tr, y_tr, x_te, y_te, seed),
                          f"{shots}shot": logreg_accuracy(x_tr[few], y_tr[few], x_te, y_te, seed)}
-    results["n_train"], results["n_test"] = len(ds_train), len(ds_test)
+        key = f"{shots}shot"
+        res.update(n_train=len(ds_train), n_test=len(ds_test), classes=len(np.unique(labels)),
+                   gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
+                   **{f"gain_{key}": res["pretrained"][key] - res["random_init"][key]})
+        results[task.name] = res
     return results
+
+
+def teacher_encoder(student, teacher_state: dict, ck) -> torch.nn.Module:
+    """The student with the teacher's EMA parameters laid over it: exactly the encoder the teacher
+    is during training (its own parts EMA, the parts it shares with the student the student's)."""
+    teacher = copy.deepcopy(student)
+    expected = set(copy.deepcopy(student).strip_to_teacher().state_dict())
+    missing, unexpected = teacher.load_state_dict(teacher_state, strict=False)
+    not_loaded = expected & set(missing)
+    if unexpected or not_loaded:
+        raise RuntimeError(f"{ck}: teacher state does not match the model (missing {sorted(not_loaded)[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return teacher
 
 
 def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None = None,
@@ -108,17 +133,16 @@ def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None
     random_init = build_model(cfg).to(dev)  # identical to the run's step-0 student
     student = build_model(cfg).to(dev)
     student.load_state_dict(state["model"])
-    teacher = build_model(cfg).to(dev)
-    missing, unexpected = teacher.load_state_dict(state["teacher"], strict=False)
-    if unexpected or any(".decoder." not in k for k in missing):
-        raise RuntimeError(f"{ck}: teacher state does not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+    teacher = teacher_encoder(student, state["teacher"], ck)
     encoders = {"pretrained": student, "teacher": teacher, "random_init": random_init}
-    res = probe_encoders(cfg, encoders, pool, shots, cfg.probe.seed, dev)
-    res.update(checkpoint=str(ck), step=int(state["step"]), pool=pool, shots=shots)
+    run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
+    res = {"tasks": probe_encoders(cfg, encoders, pool, shots, cfg.probe.seed, dev, run_dir)}
+    res.update(checkpoint=str(ck), step=int(state["step"]), pool=pool, shots=shots,
+               modality=cfg.model.modality)
+    first = next(iter(res["tasks"].values()))  # headline numbers: the first task
     key = f"{shots}shot"
-    res["gain_full"] = res["pretrained"]["full"] - res["random_init"]["full"]
-    res[f"gain_{key}"] = res["pretrained"][key] - res["random_init"][key]
+    for name in ("pretrained", "teacher", "random_init", "gain_full", f"gain_{key}", "n_train", "n_test"):
+        res[name] = first[name]
     out = ck.parent.parent / "probe.json"
     if ck.parent.name == "checkpoints":
         out.write_text(json.dumps(res, indent=2))
@@ -128,10 +152,12 @@ def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None
 
 def format_probe(res: dict) -> str:
     key = f"{res['shots']}shot"
-    lines = [f"linear probe ({res['pool']}-pooled features, step {res['step']}, "
-             f"{res['n_train']} train / {res['n_test']} held-out images)",
-             f"  {'encoder':<12} {'full':>7} {key:>8}"]
-    for name in ("pretrained", "teacher", "random_init"):
-        lines.append(f"  {name:<12} {res[name]['full']:>6.1f}% {res[name][key]:>7.1f}%")
-    lines.append(f"  gain over random init: full {res['gain_full']:+.1f} pts, {key} {res['gain_' + key]:+.1f} pts")
+    lines = []
+    for task, r in res["tasks"].items():
+        lines += [f"linear probe: {task} ({r['classes']} classes, {res['pool']}-pooled features, step "
+                  f"{res['step']}, {r['n_train']} train / {r['n_test']} held-out examples)",
+                  f"  {'encoder':<12} {'full':>7} {key:>8}"]
+        for name in ("pretrained", "teacher", "random_init"):
+            lines.append(f"  {name:<12} {r[name]['full']:>6.1f}% {r[name][key]:>7.1f}%")
+        lines.append(f"  gain over random init: full {r['gain_full']:+.1f} pts, {key} {r['gain_' + key]:+.1f} pts")
     return "\n".join(lines)

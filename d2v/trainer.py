@@ -131,8 +131,9 @@ class Trainer:
             self._restore(existing)
         elif resume and resume is not True:  # --resume DIR: that checkpoint, which must exist
             self._restore(resume)
-        from d2v.data.build import build_pretrain_data
+        from d2v.data.build import SOURCE_KEY, build_pretrain_data
 
+        self.source_key = SOURCE_KEY[cfg.model.modality]
         self.dataset, self.loader = build_pretrain_data(cfg, start_step=self.step)
         self.bad_files = {p for p, _ in getattr(self.dataset, "bad_files", [])}
 
@@ -191,7 +192,7 @@ class Trainer:
             batch = next(it)
             self.bad_files.update(batch.get("bad", []))
             mask = make_maskinfo(batch["mask"]).to(dev, non_blocking=True)
-            source = batch["image"].to(dev, non_blocking=True)
+            source = batch[self.source_key].to(dev, non_blocking=True)
             with autocast:
                 out = self.model(source, mask)
             self.optimizer.zero_grad(set_to_none=True)
@@ -220,7 +221,7 @@ class Trainer:
                 t_log, n_log = now, 0
                 logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tvar=f"{last['target_var']:.2f}",
-                                img_s=f"{last['samples_per_s']:.0f}")
+                                smp_s=f"{last['samples_per_s']:.0f}")
                 self._collapse_guard(last)
             if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps:
                 ckpt = self.save()

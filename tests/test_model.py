@@ -85,7 +85,7 @@ def test_targets_are_teacher_ffn_outputs():
 def naive_loss(m, img, mask, M):
     """The reference's way: repeat_interleave targets M times, index both with the boolean mask."""
     torch.manual_seed(123)
-    x, _ = m.encode(img, mask, clones=M)
+    x, _, _ = m.encode(img, mask=mask, clones=M)
     R, T, D = mask.mask.shape[0], mask.mask.shape[1], x.shape[-1]
     kept = x[:, 1:]
     noise = torch.randn(R, T, D) * m.objective.decoder_noise_std
@@ -124,8 +124,8 @@ def test_student_only_sees_kept_tokens():
     masked_patch = int(mask.ids_masked[0, 0])
     r, c = divmod(masked_patch, cfg.model.grid)
     img2[..., r * p:(r + 1) * p, c * p:(c + 1) * p] += 5.0
-    x1, _ = m.encode(img, mask)
-    x2, _ = m.encode(img2, mask)
+    x1, _, _ = m.encode(img, mask=mask)
+    x2, _, _ = m.encode(img2, mask=mask)
     assert torch.equal(x1, x2)
     assert not torch.equal(m.make_targets(img), m.make_targets(img2))
 

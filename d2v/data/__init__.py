@@ -1,6 +1,9 @@
-"""Data pipeline: embedded digits dataset, image folders + augmentation + masks, resumable sampler.
+"""Data pipeline per modality: image folders + augmentation, audio manifests/folders + length
+buckets, text files + a trained BPE tokenizer; masks built in the loader; embedded defaults (digits,
+espeak-ng speech, fortunes); the resumable sampler; `build.py` wires them from the config.
 
-References: see d2v/data/embedded.py, d2v/data/images.py, d2v/data/sampler.py.
+Audio and text modules import lazily (`d2v.data.audio`, `d2v.data.text`): soundfile and tokenizers
+are only loaded when those modalities are used.
 """
 from d2v.data.embedded import (
     DIGITS32_MEAN,

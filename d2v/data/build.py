@@ -1,25 +1,53 @@
-"""Build datasets and loaders from the config: the pretraining stream and the labelled probe splits.
+"""Build datasets and loaders from the config, per modality: the pretraining stream and the
+labelled probe tasks.
 
-`data.path: null` selects the embedded default (sklearn's real handwritten digits, prepared as PNG
-files on first use); any other path is an image folder (class subfolders optional).
+`data.path: null` selects the modality's embedded default (image: sklearn's real handwritten
+digits; audio: words spoken by espeak-ng voices; text: the Debian fortunes collection), prepared
+into a cache on first use. Otherwise `data.path` is an image folder, an audio manifest (.tsv) or
+folder, or a text file or folder. A folder holding train/ and test/ parts (audio: train.tsv and
+test.tsv) pretrains on train and probes train -> test; anything else pretrains on everything and
+the probe splits its labelled examples 80/20.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
 
 from d2v.config import Config
 from d2v.data.embedded import DIGITS32_MEAN, DIGITS32_STD, prepare_digits
 from d2v.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, make_inverse_block_mask_fn
-from d2v.data.sampler import build_image_loader
+from d2v.data.sampler import build_loader
+
+# the batch key holding each modality's model input
+SOURCE_KEY = {"image": "image", "audio": "audio", "text": "tokens"}
+
+
+@dataclass
+class ProbeTask:
+    """A labelled probe: train split, test split (None = split train 80/20), eval collate."""
+
+    name: str
+    train: Dataset
+    test: Dataset | None
+    collate: Callable[[list], dict[str, Any]]
+    source_key: str
 
 
 def _has_split(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "test").is_dir()
 
 
+def _user_path(cfg: Config) -> Path | None:
+    return Path(cfg.data.path).expanduser() if cfg.data.path else None
+
+
+# ------------------------------------------------------------------------------------------ images
 def pretrain_root(cfg: Config) -> Path:
     """Images to pretrain on: the folder itself, or its train/ part when it has train/ and test/."""
-    root = Path(cfg.data.path).expanduser() if cfg.data.path else prepare_digits()
+    root = _user_path(cfg) or prepare_digits()
     return root / "train" if _has_split(root) else root
 
 
@@ -31,7 +59,7 @@ def normalization(cfg: Config) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def _dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageFolderDataset:
+def _image_dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageFolderDataset:
     d, m = cfg.data, cfg.model
     mean, std = normalization(cfg)
     return ImageFolderDataset(root, image_size=m.image_size, train=train, crop_scale=d.crop_scale,
@@ -39,24 +67,158 @@ def _dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageFolderD
                               seed=cfg.train.seed, mask_fn=mask_fn)
 
 
-def build_pretrain_data(cfg: Config, start_step: int = 0, rank: int = 0, world_size: int = 1):
-    """-> (dataset, loader): an endless, resumable stream of batches with M masks per sample."""
+def _image_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
     mk = cfg.masking
     mask_fn = make_inverse_block_mask_fn(cfg.model.grid, mk.clone_batch, mk.mask_prob, mk.mask_length,
                                          mk.mask_prob_adjust)
-    ds = _dataset(cfg, pretrain_root(cfg), train=True, mask_fn=mask_fn)
-    loader = build_image_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                start_step=start_step, num_workers=cfg.data.num_workers,
-                                rank=rank, world_size=world_size)
+    ds = _image_dataset(cfg, pretrain_root(cfg), train=True, mask_fn=mask_fn)
+    loader = build_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed, start_step=start_step,
+                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
     return ds, loader
 
 
-def build_probe_splits(cfg: Config) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    """Labelled eval-mode datasets for the linear probe: (train, test).
+def _image_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
+    from d2v.data.images import collate_images
 
-    Embedded data: its fixed train/test split. A folder with train/ and test/ subfolders: those.
-    Any other labelled folder: (all, None) and the probe splits it."""
-    root = Path(cfg.data.path).expanduser() if cfg.data.path else prepare_digits()
+    root = _user_path(cfg) or prepare_digits()
     if _has_split(root):
-        return _dataset(cfg, root / "train", False), _dataset(cfg, root / "test", False)
-    return _dataset(cfg, root, False), None
+        tr, te = _image_dataset(cfg, root / "train", False), _image_dataset(cfg, root / "test", False)
+    else:
+        tr, te = _image_dataset(cfg, root, False), None
+    return [ProbeTask("class", tr, te, collate_images, "image")]
+
+
+# ------------------------------------------------------------------------------------------ audio
+def _audio_sources(cfg: Config) -> tuple[Path, dict[str, tuple[Path, Path | None]]]:
+    """(pretraining manifest/folder, {probe task: (train source, test source or None)})."""
+    root = _user_path(cfg)
+    if root is None:
+        from d2v.data.embedded_speech import prepare_speech
+
+        root = prepare_speech()
+        return root / "train.tsv", {"word": (root / "train.tsv", root / "test.tsv"),
+                                    "speaker": (root / "speaker_train.tsv", root / "speaker_test.tsv")}
+    if root.is_dir() and (root / "train.tsv").is_file():
+        test = root / "test.tsv"
+        return root / "train.tsv", {"class": (root / "train.tsv", test if test.is_file() else None)}
+    return root, {"class": (root, None)}
+
+
+def _min_samples(cfg: Config) -> int:
+    from d2v.modalities.audio import RECEPTIVE_FIELD
+
+    return cfg.data.min_sample_size or RECEPTIVE_FIELD
+
+
+def _audio_dataset(cfg: Config, source: Path, train: bool, classes=None):
+    from d2v.data.audio import AudioDataset
+
+    d = cfg.data
+    return AudioDataset(source, sample_rate=d.sample_rate, min_samples=_min_samples(cfg),
+                        max_samples=d.max_sample_size, normalize=d.normalize, train=train,
+                        seed=cfg.train.seed, classes=classes)
+
+
+def _audio_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
+    from d2v.data.audio import AudioCollate, build_audio_loader
+    from d2v.modalities.audio import FeatureLength
+
+    source, _ = _audio_sources(cfg)
+    ds = _audio_dataset(cfg, source, train=True)
+    mk = cfg.masking
+    collate = AudioCollate(clone_batch=mk.clone_batch, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
+                           mask_adjust=mk.mask_prob_adjust, feature_length=FeatureLength(),
+                           seed=cfg.train.seed, max_samples=cfg.data.max_sample_size)
+    loader = build_audio_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                start_step=start_step, num_workers=cfg.data.num_workers, rank=rank,
+                                world_size=world_size, collate_fn=collate)
+    return ds, loader
+
+
+def _audio_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
+    from d2v.data.audio import collate_audio_eval
+
+    tasks = []
+    for name, (tr_src, te_src) in _audio_sources(cfg)[1].items():
+        tr = _audio_dataset(cfg, tr_src, train=False)
+        te = _audio_dataset(cfg, te_src, train=False, classes=tr.classes) if te_src else None
+        tasks.append(ProbeTask(name, tr, te, collate_audio_eval, "audio"))
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------ text
+def _text_root(cfg: Config) -> Path:
+    root = _user_path(cfg)
+    if root is None:
+        from d2v.data.embedded_text import prepare_fortunes
+
+        root = prepare_fortunes()
+    return root
+
+
+def _text_files(root: Path):
+    from d2v.data.text import scan_text_source
+
+    return scan_text_source(root / "train" if _has_split(root) else root)
+
+
+def text_tokenizer(cfg: Config, run_dir: Path):
+    """The run's tokenizer: data.tokenizer, else run_dir/tokenizer.json, else trained on the
+    pretraining files and saved there (so a resumed run and the probe reuse it)."""
+    from d2v.data.text import resolve_tokenizer
+
+    files = [p for p, _ in _text_files(_text_root(cfg))]
+    return resolve_tokenizer(cfg.data.tokenizer, Path(run_dir), files, cfg.model.vocab_size)[0]
+
+
+def _tokens_per_sample(cfg: Config) -> int:
+    return cfg.data.tokens_per_sample or cfg.model.max_positions
+
+
+def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
+    from d2v.data.text import TextBlockDataset, TextMaskFn, collate_text
+
+    T = _tokens_per_sample(cfg)
+    tok = text_tokenizer(cfg, Path(cfg.train.out_dir))
+    mask_fn = TextMaskFn(T, cfg.masking.clone_batch, cfg.masking.mask_prob)
+    files = [p for p, _ in _text_files(_text_root(cfg))]
+    ds = TextBlockDataset(files, tok, block_size=T, seed=cfg.train.seed, mask_fn=mask_fn)
+    loader = build_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed, start_step=start_step,
+                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                          collate_fn=collate_text)
+    return ds, loader
+
+
+def _text_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
+    from d2v.data.text import TextLineDataset, collate_text_eval, scan_text_source
+
+    root = _text_root(cfg)
+    tok = text_tokenizer(cfg, Path(run_dir or cfg.train.out_dir))
+    T = _tokens_per_sample(cfg)
+    if _has_split(root):
+        tr_files, te_files = scan_text_source(root / "train"), scan_text_source(root / "test")
+    else:
+        tr_files, te_files = scan_text_source(root), None
+    classes = sorted({lab for _, lab in tr_files if lab is not None})
+    if not classes:
+        raise ValueError(f"the probe needs labelled text: put each class's files in its own subfolder of "
+                         f"{root} (one example per line)")
+    tr = TextLineDataset(tr_files, tok, max_len=T, classes=classes)
+    te = TextLineDataset(te_files, tok, max_len=T, classes=classes) if te_files else None
+    return [ProbeTask("topic" if cfg.data.path is None else "class", tr, te, collate_text_eval, "tokens")]
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+_PRETRAIN = {"image": _image_pretrain, "audio": _audio_pretrain, "text": _text_pretrain}
+_PROBE = {"image": _image_probe, "audio": _audio_probe, "text": _text_probe}
+
+
+def build_pretrain_data(cfg: Config, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    """-> (dataset, loader): an endless, resumable stream of batches with M masks per sample."""
+    return _PRETRAIN[cfg.model.modality](cfg, start_step, rank, world_size)
+
+
+def build_probe_tasks(cfg: Config, run_dir: Path | None = None) -> list[ProbeTask]:
+    """Labelled eval-mode datasets for the linear probe, one task per label kind (speech: the spoken
+    word and the speaker)."""
+    return _PROBE[cfg.model.modality](cfg, run_dir)

@@ -1,0 +1,544 @@
+"""Audio pipeline: tsv manifests / folder scan, soundfile decode + resample, length-bucketed sampler,
+crop-to-shortest collate with per-sample span masks.
+
+Legend: L samples per waveform (after the batch crop), B batch, M masks (clones) per sample,
+T = feature_length(L) encoder frames.
+
+Determinism contract (as images.py): `AudioDataset.__getitem__` takes a *virtual* index
+v = epoch * len(dataset) + i (what `LengthBucketBatchSampler` yields); the random crop of item i in
+epoch `epoch` draws from a generator seeded `derive_seed("audio-item", seed, epoch, i)`; the batch
+crop and the masks of a batch draw from one generator seeded
+`derive_seed("audio-batch", seed, <virtual index of the batch's first item>)`. No global RNG is
+used, so results do not depend on the worker count and a resumed run sees the same data.
+
+Manifest format (fairseq wav2vec `manifest.py` / `RawAudioDataset`): the first line is the root
+directory (absolute, relative to the manifest's folder, or empty = the manifest's folder), then one
+line per file `relpath[<TAB>num_samples[<TAB>label]]`. `num_samples` is in the file's own sample
+rate and only a hint: the header read at start-up is authoritative. The label column is a d2v
+extension (fairseq keeps labels in separate .ltr/.wrd files).
+
+Differences from the reference, on purpose: the masks are generated on the *cropped* batch length
+(reference: on the full utterance, then cropped with an independent offset, which breaks the exact
+masked count per row; spec pitfall #19), so every row has exactly int(T * mask_prob) masked frames.
+
+References: fairseq/data/audio/raw_audio_dataset.py (postprocess layer_norm, crop_to_max_size,
+collater), fairseq/data/data_utils.py compute_block_mask_1d, fairseq bucket_pad_length_dataset
+(length buckets). Behaviour from ../shared/spec/data2vec2.md §3.4, §4.3.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from d2v.data.sampler import ResumableBatchSampler, build_loader
+from d2v.data.seed import derive_seed
+from d2v.masking import span_mask
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "AudioEntry",
+    "AudioDecodeError",
+    "read_manifest",
+    "scan_audio_folder",
+    "load_audio",
+    "resampled_length",
+    "AudioDataset",
+    "LengthBucketBatchSampler",
+    "AudioCollate",
+    "collate_audio_eval",
+    "build_audio_loader",
+]
+
+AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg")  # compared case-insensitively
+_MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
+_WARN_FIRST = 5  # bad paths named in the init warning
+_PROGRESS_FROM = 5000  # files: show a progress bar for the start-up header check from this many
+_NORM_EPS = 1e-5  # F.layer_norm eps of the reference's per-utterance normalization
+
+
+class AudioEntry(NamedTuple):
+    path: Path
+    num_samples: int | None  # manifest hint, in the file's own sample rate (None if not given)
+    label: str | None  # class name (None if unlabelled)
+
+
+class AudioDecodeError(ValueError):
+    """A file that cannot be decoded as audio (message names the path and the reason)."""
+
+
+# ---- listing ------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[AudioEntry]:
+    """Parse a fairseq-style tsv manifest (see module docstring) into entries, in file order.
+
+    Blank lines and lines starting with '#' after the root line are ignored. Raises ValueError
+    naming `manifest:line` for a non-integer or negative num_samples or more than 3 columns."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"audio manifest {path} does not exist or is not a file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise ValueError(f"{path}:1: empty manifest (the first line must be the root directory)")
+    root_s = lines[0].strip()
+    root = path.parent if not root_s else Path(root_s).expanduser()
+    if not root.is_absolute():
+        root = path.parent / root
+    entries: list[AudioEntry] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) > 3:
+            raise ValueError(f"{path}:{lineno}: expected 'relpath[<TAB>num_samples[<TAB>label]]', got "
+                             f"{len(cols)} tab-separated columns: {line!r}")
+        rel = cols[0].strip()
+        if not rel:
+            raise ValueError(f"{path}:{lineno}: empty file path: {line!r}")
+        num: int | None = None
+        if len(cols) >= 2 and cols[1].strip():
+            try:
+                num = int(cols[1].strip())
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: num_samples must be an integer, got "
+                                 f"{cols[1]!r}") from None
+            if num < 0:
+                raise ValueError(f"{path}:{lineno}: num_samples must be >= 0, got {num}")
+        label = cols[2].strip() if len(cols) == 3 and cols[2].strip() else None
+        entries.append(AudioEntry(root / rel, num, label))
+    return entries
+
+
+def _is_audio(name: str) -> bool:
+    return name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk_audio(top: Path) -> list[Path]:
+    """All audio files under `top`, recursively (symlinked dirs followed once), sorted by path.
+    Hidden files and directories (leading '.') are skipped."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if _is_audio(f))
+    return sorted(found)
+
+
+def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
+    """Audio files under `root`, sorted and stable (extensions AUDIO_EXTENSIONS, any case).
+
+    If top-level subdirectories of `root` hold audio (searched recursively), each is a class:
+    label = subfolder name, and loose files directly in `root` are ignored with a warning.
+    Otherwise the files directly in `root` are returned unlabelled."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio folder {root} does not exist or is not a directory")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [(d.name, _walk_audio(d)) for d in subdirs]
+    per_class = [(name, files) for name, files in per_class if files]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_audio(p.name))
+    if per_class:
+        if loose:
+            warnings.warn(f"{root}: ignoring {len(loose)} audio file(s) directly in the root because "
+                          f"class subfolders exist, e.g. {loose[0]}", stacklevel=2)
+        return [AudioEntry(p, None, name) for name, files in per_class for p in files]
+    if not loose:
+        raise ValueError(f"no audio files under {root} (accepted extensions, case-insensitive: "
+                         f"{', '.join(AUDIO_EXTENSIONS)})")
+    return [AudioEntry(p, None, None) for p in loose]
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+
+
+def _ratio(file_rate: int, sample_rate: int) -> tuple[int, int]:
+    g = math.gcd(int(sample_rate), int(file_rate))
+    return int(sample_rate) // g, int(file_rate) // g
+
+
+def resampled_length(frames: int, file_rate: int, sample_rate: int) -> int:
+    """Length in samples of `frames` at `file_rate` after `load_audio` resamples it to
+    `sample_rate` (scipy resample_poly: ceil(frames * up / down))."""
+    if file_rate == sample_rate:
+        return int(frames)
+    up, down = _ratio(file_rate, sample_rate)
+    return -(-int(frames) * up // down)
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode `path` to float32 mono (L,) at `sample_rate`: channels are averaged, other rates are
+    resampled with scipy.signal.resample_poly(up, down) (polyphase, Kaiser-windowed FIR).
+
+    Raises AudioDecodeError (a ValueError) naming the path for undecodable, empty (0 frames) or
+    non-finite audio."""
+    try:
+        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, C)
+    except Exception as e:  # LibsndfileError (RuntimeError), OSError, TypeError on odd headers
+        raise AudioDecodeError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
+    if data.shape[0] == 0:
+        raise AudioDecodeError(f"{path}: empty audio (0 frames)")
+    wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (frames,)
+    if not np.isfinite(wav).all():
+        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
+    if file_rate != sample_rate:
+        from scipy.signal import resample_poly
+
+        up, down = _ratio(file_rate, sample_rate)
+        wav = resample_poly(wav, up, down)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _check_header(path: Path, sample_rate: int, min_samples: int) -> tuple[int, str | None]:
+    """(length at sample_rate, None) if the header looks usable, else (0, reason)."""
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        return 0, f"cannot open ({type(e).__name__}: {e})"
+    if info.frames <= 0 or info.samplerate <= 0:
+        return 0, f"empty audio ({info.frames} frames)"
+    n = resampled_length(info.frames, info.samplerate, sample_rate)
+    if n < min_samples:
+        return 0, (f"too short: {n} samples at {sample_rate} Hz ({info.frames} at "
+                   f"{info.samplerate} Hz) < min_samples {min_samples}")
+    return n, None
+
+
+# ---- dataset ------------------------------------------------------------------------------------
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Waveform dataset over a tsv manifest or a folder (see module docstring).
+
+    Start-up: every file's header is read (soundfile.info); unopenable, empty and too-short files
+    (< min_samples at sample_rate) are excluded, listed in `bad_files` [(path, reason)] and
+    reported in one warning.
+
+    Item (virtual index v = epoch * len + i):
+      {"audio": float32 (L,), "label": int (-1 if unlabelled), "index": v,
+       "file_index": i' the entry actually loaded (i, or a later one after a decode failure),
+       "bad": list[str] paths that failed to decode for this item}
+    The whole decoded utterance is normalized (F.layer_norm over the waveform, eps 1e-5, as the
+    reference's `postprocess`), then cropped to max_samples: a random window in train mode (from
+    the item's generator), the first max_samples in eval mode.
+
+    `classes` (optional) fixes the class list (e.g. to share one label mapping between a train
+    and a test manifest); by default it is the sorted set of labels in `source`."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        sample_rate: int = 16000,
+        min_samples: int = 400,
+        max_samples: int | None = None,
+        normalize: bool = True,
+        train: bool = True,
+        seed: int = 0,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        if sample_rate < 1:
+            raise ValueError(f"AudioDataset: sample_rate must be >= 1, got {sample_rate}")
+        if min_samples < 0:
+            raise ValueError(f"AudioDataset: min_samples must be >= 0, got {min_samples}")
+        if max_samples is not None and max_samples < max(1, min_samples):
+            raise ValueError(f"AudioDataset: max_samples must be >= max(1, min_samples={min_samples}), "
+                             f"got {max_samples}")
+        self.root = Path(source).expanduser()
+        self.sample_rate = int(sample_rate)
+        self.min_samples = int(min_samples)
+        self.max_samples = None if max_samples is None else int(max_samples)
+        self.normalize = normalize
+        self.train = train
+        self.seed = int(seed)
+        self.bad_files: list[tuple[str, str]] = []
+
+        if self.root.is_dir():
+            entries = scan_audio_folder(self.root)
+        elif self.root.is_file():
+            if _is_audio(self.root.name):
+                raise ValueError(f"AudioDataset: source {self.root} is an audio file; pass a manifest "
+                                 f"(.tsv) or a folder")
+            entries = read_manifest(self.root)
+            if not entries:
+                raise ValueError(f"AudioDataset: manifest {self.root} lists no files")
+        else:
+            raise FileNotFoundError(f"AudioDataset: source {self.root} does not exist (expected a "
+                                    f"manifest .tsv or a folder of audio files)")
+
+        labelled = [e.label is not None for e in entries]
+        if any(labelled) and not all(labelled):
+            first = entries[labelled.index(False)].path
+            raise ValueError(f"AudioDataset: {self.root} mixes labelled and unlabelled files, e.g. "
+                             f"{first} has no label")
+        if classes is not None:
+            self.classes = list(classes)
+        else:
+            self.classes = sorted({e.label for e in entries if e.label is not None})
+        class_index = {c: k for k, c in enumerate(self.classes)}
+        unknown = [e for e in entries if e.label is not None and e.label not in class_index]
+        if unknown:
+            raise ValueError(f"AudioDataset: {unknown[0].path} has label {unknown[0].label!r}, not in "
+                             f"classes {self.classes}")
+
+        from tqdm import tqdm
+
+        kept: list[AudioEntry] = []
+        lengths: list[int] = []
+        bar = tqdm(entries, desc=f"checking {self.root.name}", unit="file", mininterval=1.0,
+                   disable=len(entries) < _PROGRESS_FROM, leave=False)
+        for e in bar:
+            n, reason = _check_header(e.path, self.sample_rate, self.min_samples)
+            if reason is None:
+                kept.append(e)
+                lengths.append(n if self.max_samples is None else min(n, self.max_samples))
+            else:
+                self.bad_files.append((str(e.path), reason))
+        if not kept:
+            p, why = self.bad_files[0]
+            raise ValueError(f"AudioDataset: no usable audio in {self.root}: all {len(self.bad_files)} "
+                             f"file(s) failed, e.g. {p}: {why}")
+        if self.bad_files:
+            first = "; ".join(f"{p} ({why})" for p, why in self.bad_files[:_WARN_FIRST])
+            warnings.warn(f"{self.root}: skipping {len(self.bad_files)} unusable audio file(s): {first}",
+                          stacklevel=2)
+        self.entries: list[AudioEntry] = kept
+        self.lengths: list[int] = lengths  # at sample_rate, capped at max_samples
+        self.labels: list[int] = [class_index[e.label] if e.label is not None else -1 for e in kept]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def item_generator(self, epoch: int, index: int) -> torch.Generator:
+        """The generator that drives the random crop of item `index` in `epoch`."""
+        return torch.Generator().manual_seed(derive_seed("audio-item", self.seed, epoch, index))
+
+    def __getitem__(self, v: int) -> dict[str, Any]:
+        v = operator.index(v)
+        n = len(self.entries)
+        if v < 0:
+            raise IndexError(f"AudioDataset: index must be >= 0 (virtual index epoch * {n} + i), "
+                             f"got {v}")
+        epoch, i = divmod(v, n)
+        bad: list[str] = []
+        reasons: list[str] = []
+        for k in range(_MAX_DECODE_TRIES):
+            j = (i + k) % n
+            path = self.entries[j].path
+            try:
+                wav = load_audio(path, self.sample_rate)  # (L,)
+            except AudioDecodeError as e:
+                warnings.warn(f"{e}; falling back to index {(j + 1) % n}", stacklevel=2)
+                bad.append(str(path))
+                reasons.append(str(e))
+                continue
+            x = torch.from_numpy(wav)  # (L,)
+            if self.normalize:
+                x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
+            L, cap = x.shape[0], self.max_samples
+            if cap is not None and L > cap:
+                if self.train:
+                    g = self.item_generator(epoch, i)
+                    start = int(torch.randint(0, L - cap + 1, (1,), generator=g))
+                else:
+                    start = 0
+                x = x[start : start + cap]
+            return {"audio": x.contiguous(), "label": self.labels[j], "index": v, "file_index": j,
+                    "bad": bad}
+        raise RuntimeError(f"AudioDataset: {_MAX_DECODE_TRIES} consecutive files failed to decode "
+                           f"starting at index {i}: " + "; ".join(reasons))
+
+
+# ---- sampler ------------------------------------------------------------------------------------
+
+
+class LengthBucketBatchSampler(ResumableBatchSampler):
+    """Infinite, resumable, rank-sharded stream of batches of *virtual* indices whose items have
+    similar lengths (less waste when the collate crops a batch to its shortest item).
+
+    Epoch e, from one generator seeded derive_seed("audio-sampler", seed, e): a permutation of the
+    N items, truncated to steps_per_epoch * G items (G = batch_size * world_size; the random tail is
+    dropped), cut into chunks of bucket_batches * G, each chunk sorted by length (stable) and cut
+    into global batches of G consecutive items; then the order of all global batches is shuffled.
+    Rank r takes items [r::world_size] of each global batch, so every rank has the same number of
+    steps, ranks get disjoint items, and batch k of every rank holds similar lengths. Global step
+    s -> (epoch, batch) = divmod(s, steps_per_epoch); `start_step` resumes exactly."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        bucket_batches: int = 32,
+    ) -> None:
+        if bucket_batches < 1:
+            raise ValueError(f"LengthBucketBatchSampler: bucket_batches must be >= 1, got {bucket_batches}")
+        if batch_size >= 1 and world_size >= 1 and len(lengths) < batch_size * world_size:
+            raise ValueError(
+                f"LengthBucketBatchSampler: dataset has {len(lengths)} usable samples, fewer than one "
+                f"global batch of {batch_size * world_size} (batch_size {batch_size} x world_size "
+                f"{world_size}); lower the batch size or add data"
+            )
+        super().__init__(len(lengths), batch_size, seed=seed, start_step=start_step, drop_last=True,
+                         rank=rank, world_size=world_size)
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.int64)  # (N,)
+        self.bucket_batches = int(bucket_batches)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of epoch `epoch`, as dataset indices in [0, num_samples)."""
+        g = torch.Generator().manual_seed(derive_seed("audio-sampler", self.seed, epoch))
+        G = self.batch_size * self.world_size
+        nb = self.steps_per_epoch
+        perm = torch.randperm(self.num_samples, generator=g)[: nb * G]  # (nb*G,)
+        chunk = self.bucket_batches * G
+        parts = []
+        for c in range(0, perm.numel(), chunk):
+            idx = perm[c : c + chunk]
+            order = torch.sort(self.lengths[idx], stable=True).indices
+            parts.append(idx[order])
+        glob = torch.cat(parts).view(nb, G)  # (nb, G), rows = global batches, sorted by length
+        glob = glob[torch.randperm(nb, generator=g)]
+        return glob[:, self.rank :: self.world_size].tolist()  # (nb, batch_size)
+
+
+# ---- collate ------------------------------------------------------------------------------------
+
+
+class AudioCollate:
+    """Pretraining collate (picklable, for DataLoader workers).
+
+    Every waveform is cropped to the batch's shortest length L (capped at max_samples) at a random
+    offset per item (no padding, as the reference); then masks for M = clone_batch clones are drawn
+    on the cropped length: T = feature_length(L), span_mask(B*M, T) with rows b*M .. b*M+M-1
+    belonging to sample b, exactly int(T * mask_prob) masked per row. All draws use one generator
+    seeded derive_seed("audio-batch", seed, items[0]["index"]).
+
+    Returns {"audio": float32 (B, L), "mask": bool (B*M, T), "label": int64 (B,),
+             "index": int64 (B,) virtual indices, "bad": list[str]}."""
+
+    def __init__(
+        self,
+        *,
+        clone_batch: int,
+        mask_prob: float,
+        mask_length: int,
+        mask_adjust: float,
+        feature_length: Callable[[int], int],
+        seed: int,
+        max_samples: int | None = None,
+    ) -> None:
+        if clone_batch < 1:
+            raise ValueError(f"AudioCollate: clone_batch must be >= 1, got {clone_batch}")
+        if not 0.0 <= mask_prob < 1.0:
+            raise ValueError(f"AudioCollate: mask_prob must be in [0, 1), got {mask_prob}")
+        if mask_length < 1:
+            raise ValueError(f"AudioCollate: mask_length must be >= 1, got {mask_length}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"AudioCollate: max_samples must be >= 1, got {max_samples}")
+        self.clone_batch = int(clone_batch)
+        self.mask_prob = float(mask_prob)
+        self.mask_length = int(mask_length)
+        self.mask_adjust = float(mask_adjust)
+        self.feature_length = feature_length
+        self.seed = int(seed)
+        self.max_samples = None if max_samples is None else int(max_samples)
+
+    def batch_generator(self, first_index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed("audio-batch", self.seed, int(first_index)))
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("AudioCollate: got an empty list of items")
+        g = self.batch_generator(items[0]["index"])
+        L = min(int(it["audio"].shape[0]) for it in items)
+        if self.max_samples is not None:
+            L = min(L, self.max_samples)
+        crops = []
+        for it in items:
+            x = it["audio"]  # (L_b,)
+            extra = int(x.shape[0]) - L
+            start = int(torch.randint(0, extra + 1, (1,), generator=g)) if extra > 0 else 0
+            crops.append(x[start : start + L])
+        T = int(self.feature_length(L))
+        if T < 1:
+            raise ValueError(f"AudioCollate: the batch's shortest waveform has {L} samples, which gives "
+                             f"{T} encoder frames (need >= 1); raise the dataset's min_samples")
+        B, M = len(items), self.clone_batch
+        mask = span_mask(B * M, T, mask_prob=self.mask_prob, mask_length=self.mask_length,
+                         adjust=self.mask_adjust, generator=g)  # (B*M, T)
+        return {
+            "audio": torch.stack(crops).to(torch.float32),  # (B, L)
+            "mask": mask,
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),  # (B,)
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),  # (B,)
+            "bad": [p for it in items for p in it.get("bad", [])],
+        }
+
+    def __repr__(self) -> str:
+        return (f"AudioCollate(clone_batch={self.clone_batch}, mask_prob={self.mask_prob}, "
+                f"mask_length={self.mask_length}, mask_adjust={self.mask_adjust}, "
+                f"feature_length={self.feature_length!r}, seed={self.seed}, "
+                f"max_samples={self.max_samples})")
+
+
+def collate_audio_eval(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluation / probe collate: zero-pad to the longest item.
+
+    Returns {"audio": float32 (B, Lmax), "padding_mask": bool (B, Lmax) True = padding,
+             "label": int64 (B,), "index": int64 (B,)}."""
+    if not items:
+        raise ValueError("collate_audio_eval: got an empty list of items")
+    lens = [int(it["audio"].shape[0]) for it in items]
+    Lmax = max(lens)
+    audio = torch.zeros(len(items), Lmax, dtype=torch.float32)  # (B, Lmax)
+    padding_mask = torch.ones(len(items), Lmax, dtype=torch.bool)  # (B, Lmax)
+    for b, (it, n) in enumerate(zip(items, lens)):
+        audio[b, :n] = it["audio"]
+        padding_mask[b, :n] = False
+    return {
+        "audio": audio,
+        "padding_mask": padding_mask,
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+    }
+
+
+def build_audio_loader(
+    dataset: AudioDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn: Callable,
+    bucket_batches: int = 32,
+) -> DataLoader:
+    """Infinite DataLoader of length-bucketed batches (LengthBucketBatchSampler over
+    `dataset.lengths`); batch k of its iterator is global step start_step + k."""
+    sampler = LengthBucketBatchSampler(
+        dataset.lengths, batch_size, seed=seed, start_step=start_step, rank=rank,
+        world_size=world_size, bucket_batches=bucket_batches,
+    )
+    return build_loader(dataset, batch_size=batch_size, seed=seed, start_step=start_step,
+                        num_workers=num_workers, rank=rank, world_size=world_size,
+                        collate_fn=collate_fn, batch_sampler=sampler)
