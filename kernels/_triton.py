@@ -23,7 +23,11 @@ def interpreting() -> bool:
 @functools.lru_cache(maxsize=1)
 def status() -> tuple[bool, str]:
     """(usable, why): whether `import triton` works here; never raises."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules
+        found = False
+    if not found:
         return False, "triton is not installed (pip install triton)"
     try:
         import triton  # noqa: F401

@@ -62,6 +62,12 @@ def masked_scatter_ref(
     return fill_BTD.to(x_kept_BKD.dtype).scatter(1, idx, x_kept_BKD)
 
 
+def scatter_fill_grad_ref(g_RTD: torch.Tensor, ids_RK: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of masked_scatter w.r.t. fill: g with the kept slots zeroed, in fill's dtype."""
+    idx = ids_RK.long().unsqueeze(-1).expand(-1, -1, g_RTD.shape[-1])
+    return g_RTD.scatter(1, idx, 0.0).to(fill_dtype)
+
+
 def check_scatter_args(x_kept_BKD: torch.Tensor, ids_keep_BK: torch.Tensor, fill_BTD: torch.Tensor) -> None:
     ok = x_kept_BKD.dim() == 3 and ids_keep_BK.dim() == 2 and fill_BTD.dim() == 3
     ok = ok and x_kept_BKD.shape[:2] == ids_keep_BK.shape and fill_BTD.shape[0] == x_kept_BKD.shape[0]
@@ -243,13 +249,10 @@ def gather_backward_triton(g_RKD: torch.Tensor, ids_RK: torch.Tensor, T: int) ->
     return _scatter_launch(g_RKD, inv, None, out)
 
 
-def scatter_backward_triton(
-    g_RTD: torch.Tensor, ids_RK: torch.Tensor, fill_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of masked_scatter: (d x_kept = g at ids, d fill = g with kept slots zeroed)."""
+def scatter_fill_grad_triton(g_RTD: torch.Tensor, ids_RK: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of masked_scatter w.r.t. fill: g with the kept slots zeroed, in fill's dtype (the gradient
+    w.r.t. x_kept is the gather of g)."""
     _triton.check_launchable("masked_scatter backward", g_RTD)
-    g_kept = gather_triton(g_RTD, ids_RK)
     inv = inverse_map_triton(ids_RK, g_RTD.shape[1])
-    g_fill = torch.empty(g_RTD.shape, dtype=fill_dtype, device=g_RTD.device)
-    _scatter_launch(None, inv, g_RTD, g_fill)
-    return g_kept, g_fill
+    out = torch.empty(g_RTD.shape, dtype=fill_dtype, device=g_RTD.device)
+    return _scatter_launch(None, inv, g_RTD, out)
