@@ -265,7 +265,7 @@ def test_cpp_ema_direct_and_errors():
     mod, why = _ext.load()
     if mod is None:
         pytest.skip(why) if not EXT_REQUIRED else pytest.fail(why)
-    n = (1 << 15) * 3 + 17  # several OpenMP work items and a ragged tail
+    n = (1 << 18) + 17  # above the parallel threshold: several OpenMP work items and a ragged tail
     ema, par = [torch.randn(n), torch.randn(3)], [torch.randn(n).bfloat16(), torch.randn(3)]
     ema0 = [e.clone() for e in ema]
     low = [torch.empty(n, dtype=torch.bfloat16), torch.empty(3, dtype=torch.bfloat16)]
