@@ -43,9 +43,11 @@ _KERNELS = {"masked_gather": ("triton",), "masked_scatter": ("triton",), "masked
 _VARIANT = {"triton": "fused", "cpp": "openmp", "cuda": "multi-tensor"}
 _TORCH_VARIANT = {"masked_gather": "gather", "masked_scatter": "scatter", "masked_targets": "index",
                   "build_targets": "ref", "ema_update_": "foreach"}
-# benchmarks/bench_ema.py, 2-core x86 CPU, 2026-11-23 (benchmarks/results/kernels.md): the C++ twin ran the
-# ViT-B EMA (86M params) ~10x faster than torch._foreach_lerp_ over the parameter list
-_CPU_EMA_WHY = "C++ OpenMP twin measured ~10x faster than torch._foreach_lerp_ on CPU (bench_ema.py)"
+# benchmarks/bench_ema.py, 2-core x86 CPU, 2026-11-23 (benchmarks/results/kernels.md): the C++ twin beat
+# torch._foreach_lerp_ over the parameter list in every run: 1.2-10x with fp32 params (a loaded machine
+# made the spread wide), ~30x with bf16 params (foreach needs an fp32 copy of each param first)
+_CPU_EMA_WHY = ("C++ OpenMP twin measured faster than torch._foreach_lerp_ on CPU "
+                "(1.2-10x fp32 params, ~30x bf16 params; bench_ema.py)")
 
 
 def _parse() -> tuple[str, dict[str, str]]:
