@@ -32,7 +32,8 @@ def _jit_build() -> ModuleType:
         cflags.append("-DD2V_WITH_CUDA")
         cuda = True
     return load(name="d2v_C_jit", sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-DD2V_WITH_CUDA"] if cuda else None,
+                extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-DD2V_WITH_CUDA"] if cuda
+                else None,
                 verbose=os.environ.get("D2V_JIT_VERBOSE") == "1")
 
 

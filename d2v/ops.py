@@ -131,7 +131,8 @@ def _choose() -> dict[str, dict]:
             _require(impl, forced_by)
             why = f"forced by {forced_by}"
             if impl == "triton":
-                why += " (CPU tensors need TRITON_INTERPRET=1" + (", set" if _triton.interpreting() else ", unset") + ")"
+                state = "set" if _triton.interpreting() else "unset"
+                why += f" (CPU tensors need TRITON_INTERPRET=1, {state})"
             elif impl in ("cpp", "cuda"):
                 why += f" ({_ext.load()[1]})"
             table[op] = _entry(op, impl, why, impl, impl)
@@ -166,7 +167,8 @@ def _route(op: str, t: torch.Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------ custom ops
-# masked_gather (clones = 1) and masked_targets (clones = M) share one op: out[r, k] = x[r // clones, ids[r, k]]
+# masked_gather (clones = 1) and masked_targets (clones = M) share one op:
+# out[r, k] = x[r // clones, ids[r, k]]
 
 
 @torch.library.custom_op("d2v::masked_gather", mutates_args=())
@@ -245,7 +247,9 @@ def _scatter_bwd(ctx, g):
     (ids,) = ctx.saved_tensors
     g = g.contiguous()
     g_kept = torch.ops.d2v.masked_gather(g, ids, 1) if ctx.needs_input_grad[0] else None
-    g_fill = torch.ops.d2v.masked_scatter_fill_backward(g, ids, ctx.fill_dtype) if ctx.needs_input_grad[2] else None
+    g_fill = None
+    if ctx.needs_input_grad[2]:
+        g_fill = torch.ops.d2v.masked_scatter_fill_backward(g, ids, ctx.fill_dtype)
     return g_kept, None, g_fill
 
 
@@ -287,7 +291,7 @@ def _ema_op(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float,
             mod.ema_update_cpu(ema, [p.contiguous() for p in params], float(decay), out_lowp)
         else:
             if not ema[0].is_cuda:
-                raise RuntimeError("ema_update_: the cuda path (forced) runs on CUDA tensors, got CPU tensors")
+                raise RuntimeError("ema_update_: the cuda path (forced) runs on CUDA tensors, got CPU ones")
             mod.ema_update_cuda(ema, [p.contiguous() for p in params], float(decay), out_lowp)
 
 

@@ -40,7 +40,8 @@ def check_ema_args(
             raise ValueError(f"ema_update_: pair {i} is on {e.device} and {p.device}")
     if out_lowp is not None:
         if len(out_lowp) != len(ema_params):
-            raise ValueError(f"ema_update_: {len(out_lowp)} out_lowp tensors vs {len(ema_params)} ema tensors")
+            raise ValueError(f"ema_update_: {len(out_lowp)} out_lowp tensors vs {len(ema_params)} "
+                             f"ema tensors")
         for i, (o, e) in enumerate(zip(out_lowp, ema_params)):
             if o.shape != e.shape or o.dtype not in LOWP or o.device != e.device:
                 raise ValueError(f"ema_update_: out_lowp {i} must be bf16/fp16 of shape {tuple(e.shape)} on "
@@ -170,7 +171,8 @@ def ema_update_triton_(
     tl_ty = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     groups: dict[tuple, list[int]] = {}
     for i, (e, p) in enumerate(zip(ema_params, params)):
-        if not (e.is_contiguous() and p.is_contiguous()) or (out_lowp is not None and not out_lowp[i].is_contiguous()):
+        low_ok = out_lowp is None or out_lowp[i].is_contiguous()
+        if not (e.is_contiguous() and p.is_contiguous() and low_ok):
             raise ValueError(f"ema_update_: the fused path needs contiguous tensors (pair {i} is strided)")
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"ema_update_: param {i} has dtype {p.dtype}, expected one of {PARAM_DTYPES}")

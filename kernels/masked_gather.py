@@ -249,7 +249,9 @@ def gather_backward_triton(g_RKD: torch.Tensor, ids_RK: torch.Tensor, T: int) ->
     return _scatter_launch(g_RKD, inv, None, out)
 
 
-def scatter_fill_grad_triton(g_RTD: torch.Tensor, ids_RK: torch.Tensor, fill_dtype: torch.dtype) -> torch.Tensor:
+def scatter_fill_grad_triton(
+    g_RTD: torch.Tensor, ids_RK: torch.Tensor, fill_dtype: torch.dtype
+) -> torch.Tensor:
     """Gradient of masked_scatter w.r.t. fill: g with the kept slots zeroed, in fill's dtype (the gradient
     w.r.t. x_kept is the gather of g)."""
     _triton.check_launchable("masked_scatter backward", g_RTD)
