@@ -19,12 +19,23 @@ def ext_modules():
     if not sources:  # csrc/ holds no sources yet: nothing to build
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("d2v: torch not importable at build time; skipping the d2v._C extension")
         return [], {}
-    ext = CppExtension("d2v._C", sources, extra_compile_args=["-O3", "-g0", "-fopenmp"],
-                       extra_link_args=["-fopenmp"])
+    cxx = ["-O3", "-g0", "-fopenmp"]
+    # the CUDA kernels need a CUDA build of torch (its headers and libs) and nvcc; a CPU torch builds the
+    # CPU part only (../shared/ENV.md: a CUDA extension cannot build against the CPU torch)
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("D2V_NO_CUDA") != "1"
+    if with_cuda:
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+        ext = CUDAExtension("d2v._C", sources, define_macros=[("D2V_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("d2v._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    print(f"d2v: building d2v._C ({'C++ + CUDA' if with_cuda else 'C++ CPU only'}) from {sources}")
     return [ext], {"build_ext": BuildExtension}
 
 

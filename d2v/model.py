@@ -189,8 +189,8 @@ class Data2Vec2(nn.Module):
         D = y.shape[-1]
         sample = torch.arange(R, device=y.device) // M  # (R,) sample of each clone row
         ids_masked = mask.ids_masked  # (R, N)
-        y_m = y[sample[:, None], ids_masked]  # (R, N, D), per-clone index into the shared targets
-        p_m = torch.gather(pred, 1, ids_masked.unsqueeze(-1).expand(-1, -1, D)).float()  # (R, N, D)
+        y_m = ops.masked_targets(y, ids_masked, M)  # (R, N, D), per-clone index into the shared targets
+        p_m = ops.masked_gather(pred, ids_masked).float()  # (R, N, D)
         scale = obj.loss_scale if obj.loss_scale is not None else 1.0 / math.sqrt(D)
         if obj.loss_beta == 0:
             elem = (p_m - y_m).pow(2)

@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+# Triton kernels run in Triton's CPU interpreter when no GPU is visible: the variable must be set before
+# the first @triton.jit is defined (d2v.kernels defines them lazily, at first launch) (../shared/ENV.md)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -39,3 +44,13 @@ def micro_overrides(out_dir, steps=6, **extra):
     }
     d.update(extra)
     return [f"{k}={v}" for k, v in d.items()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA device: skipped (and said so) without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a lent GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -132,7 +132,7 @@ def test_ema_update_errors():
 
 def test_backend_reports_and_can_be_forced(monkeypatch):
     table = ops.backend()
-    assert set(table) == {"masked_gather", "masked_scatter", "build_targets", "ema_update_"}
+    assert set(table) == {"masked_gather", "masked_scatter", "masked_targets", "build_targets", "ema_update_"}
     assert all(v["impl"] in ("triton", "cuda", "cpp", "torch") and v["reason"] for v in table.values())
     monkeypatch.setenv("D2V_OPS_IMPL", "ref")
     ops._reset_backend()

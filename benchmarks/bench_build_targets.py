@@ -1,0 +1,87 @@
+"""Teacher target builder at real shapes: d2v.ops.build_targets vs the reference's eager chain (per
+layer: transpose, .float(), F.instance_norm on (B, D, T); sum; divide; F.layer_norm) vs torch.compile of
+that chain, for each path available here (torch reference on CPU; Triton on a GPU).
+
+Byte model (the minimum: read every layer once, write the fp32 targets once): K*B*T*D*in_bytes +
+B*T*D*4. The Triton kernel meets it for final_norm none/instance and adds an 8 B/element row pass
+for final_norm="layer".
+
+Run: .venv/bin/python benchmarks/bench_build_targets.py [--device cuda] [--no-compile] [--cases vit_b]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import Recorder, bench, common_args, copy_bandwidth, try_compile  # noqa: E402
+from d2v import ops  # noqa: E402
+from d2v.kernels import build_targets as kt  # noqa: E402
+
+# spec/anchors.md §1.2: vision IN per layer -> avg -> LN; audio IN per layer -> avg; the issue's K=10
+CASES = {
+    "vit_b": dict(B=16, T=196, D=768, K=10, final_norm="layer"),
+    "vit_l": dict(B=16, T=196, D=1024, K=10, final_norm="layer"),
+    "audio_b": dict(B=4, T=749, D=768, K=8, final_norm="none"),
+}
+
+
+def fairseq_chain(layers, final_norm):
+    """The reference's make_targets, op for op (fairseq data2vec2.py)."""
+    ys = [F.instance_norm(t.transpose(1, 2).float()).transpose(1, 2) for t in layers]
+    y = ys[0]
+    for t in ys[1:]:
+        y = y + t
+    y = y / len(ys)
+    if final_norm == "layer":
+        y = F.layer_norm(y, y.shape[-1:])
+    return y
+
+
+def main() -> None:
+    args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
+    dev = torch.device(args.device)
+    reps = args.repeats or (20 if dev.type == "cuda" else 5)
+    copy = copy_bandwidth(dev)
+    r = ops.backend()["build_targets"]
+    print(f"copy bandwidth {copy:.1f} GB/s on {dev}; d2v backend: {r}")
+    rec = Recorder("build_targets", dev, copy)
+    for case, c in CASES.items():
+        if args.cases and case not in args.cases.split(","):
+            continue
+        B, T, D, K, fn = c["B"], c["T"], c["D"], c["K"], c["final_norm"]
+        for dt in (torch.bfloat16, torch.float32):
+            tag = f"{case}/{str(dt).split('.')[-1]}"
+            # the model passes CLS-stripped views of (B, 1 + T, D) FFN outputs
+            layers = [torch.randn(B, T + 1, D, device=dev, dtype=dt)[:, 1:] for _ in range(K)]
+            shape = f"B={B} T={T} D={D} K={K} {str(dt).split('.')[-1]} final={fn}"
+            by = K * B * T * D * layers[0].element_size() + B * T * D * 4
+            rec.add(tag, shape, "torch eager (fairseq chain)", "torch",
+                    bench(lambda: fairseq_chain(layers, fn), dev, reps), reps, by)
+            rec.add(tag, shape, "torch eager (d2v ref)", "torch",
+                    bench(lambda: kt.build_targets_ref(layers, final_norm=fn), dev, reps), reps, by)
+            comp, why = try_compile(fairseq_chain, not args.no_compile)
+            if comp is not None:
+                try:
+                    rec.add(tag, shape, "torch.compile", "inductor", bench(lambda: comp(layers, fn), dev, reps, warmup=2),
+                            reps, by)
+                except Exception as e:
+                    print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
+            rec.add(tag, shape, "d2v.ops.build_targets", r["impl"],
+                    bench(lambda: ops.build_targets(layers, final_norm=fn), dev, reps), reps, by,
+                    note=f"auto: {r['variant']}")
+            if dev.type == "cuda":
+                rec.add(tag, shape, "d2v triton", "triton",
+                        bench(lambda: kt.build_targets_triton(layers, final_norm=fn), dev, reps), reps, by)
+            del layers
+    rec.speedups("torch eager (fairseq chain)")
+    if not args.no_write:
+        rec.write("x eager = speed-up over the reference's eager chain.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Masked-token gather (student input), its inverse (decoder input: kept tokens + noise at masked
+slots), and the per-clone target gather, at real shapes: d2v.ops vs torch eager (the reference's
+torch.gather with an expanded (R, K, D) int64 index / repeat_interleave of the targets) vs torch.compile.
+
+Byte model (what a perfect kernel moves): gather reads the R*K kept rows and the ids, writes R*K rows;
+gather fwd+bwd adds the backward's R*T*D write (zeros at masked slots) and R*K*D read; scatter reads kept
+rows + fill rows at masked slots + ids, writes R*T rows; per-clone targets read and write R*N fp32 rows.
+
+Run: .venv/bin/python benchmarks/bench_masked_gather.py [--device cuda] [--no-compile] [--cases vit_b]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import Recorder, bench, common_args, copy_bandwidth, try_compile  # noqa: E402
+from d2v import ops  # noqa: E402
+from d2v.kernels import masked_gather as kg  # noqa: E402
+
+# B samples x M clones = R rows, T tokens, K kept, D width (spec/anchors.md §1.2: clone_batch, mask ratio)
+CASES = {
+    "vit_b": dict(B=16, M=16, T=197, K=40, D=768),  # mask 0.8 of 196 patches (+CLS)
+    "vit_l": dict(B=16, M=16, T=197, K=50, D=1024),  # mask 0.75
+    "audio_b": dict(B=4, M=8, T=749, K=375, D=768),  # 15 s at 50 Hz, span mask 0.5
+}
+
+
+def _eager_gather(x, ids):
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _eager_scatter(kept, ids, fill):
+    return fill.scatter(1, ids.unsqueeze(-1).expand(-1, -1, fill.shape[-1]), kept)
+
+
+def _eager_targets(y, ids, M):  # the reference: y.repeat_interleave(M) then index
+    return torch.gather(y.repeat_interleave(M, 0), 1, ids.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+
+def main() -> None:
+    args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
+    dev = torch.device(args.device)
+    reps = args.repeats or (20 if dev.type == "cuda" else 5)
+    copy = copy_bandwidth(dev)
+    print(f"copy bandwidth {copy:.1f} GB/s on {dev}; d2v backend: "
+          f"{ {k: v['impl'] for k, v in ops.backend().items()} }")
+    rec = Recorder("masked_gather", dev, copy)
+    dt = torch.bfloat16
+    for case, c in CASES.items():
+        if args.cases and case not in args.cases.split(","):
+            continue
+        B, M, T, K, D = c["B"], c["M"], c["T"], c["K"], c["D"]
+        R, N, es = B * M, T - K, 2
+        g = torch.Generator(device=dev).manual_seed(0)
+        ids = torch.rand(R, T, device=dev, generator=g).argsort(1)
+        ids_keep, ids_masked = ids[:, :K].sort(1).values, ids[:, K:].sort(1).values
+        x = torch.randn(R, T, D, device=dev, dtype=dt)
+        shape = f"R={R} T={T} K={K} D={D} bf16"
+
+        # forward gather
+        by = 2 * R * K * D * es + R * K * 8
+        rec.add(f"{case}/gather", shape, "torch eager", "torch", bench(lambda: _eager_gather(x, ids_keep), dev, reps), reps, by)
+        comp, why = try_compile(_eager_gather, not args.no_compile)
+        if comp is not None:
+            rec.add(f"{case}/gather", shape, "torch.compile", "inductor",
+                    bench(lambda: comp(x, ids_keep), dev, reps, warmup=2), reps, by)
+        r = ops.backend()["masked_gather"]
+        rec.add(f"{case}/gather", shape, "d2v.ops.masked_gather", r["impl"],
+                bench(lambda: ops.masked_gather(x, ids_keep), dev, reps), reps, by)
+        # forward + backward of the gather
+        xg = x.detach().requires_grad_()
+        gout = torch.randn(R, K, D, device=dev, dtype=dt)
+        by_fb = by + R * K * D * es + R * T * D * es + R * K * 8
+
+        def fb(fn):
+            def run():
+                xg.grad = None
+                fn(xg, ids_keep).backward(gout)
+            return run
+
+        rec.add(f"{case}/gather+bwd", shape, "torch eager", "torch", bench(fb(_eager_gather), dev, reps), reps, by_fb)
+        rec.add(f"{case}/gather+bwd", shape, "d2v.ops.masked_gather", r["impl"], bench(fb(ops.masked_gather), dev, reps),
+                reps, by_fb)
+        del xg, gout
+        # decoder input: kept tokens + fill (noise) at masked slots
+        kept = x[:, :K].contiguous()
+        fill = torch.randn(R, T, D, device=dev, dtype=dt)
+        by_s = R * K * D * es + R * N * D * es + R * T * D * es + R * K * 8
+        rec.add(f"{case}/scatter", shape, "torch eager", "torch",
+                bench(lambda: _eager_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
+        comp, why = try_compile(_eager_scatter, not args.no_compile)
+        if comp is not None:
+            rec.add(f"{case}/scatter", shape, "torch.compile", "inductor",
+                    bench(lambda: comp(kept, ids_keep, fill), dev, reps, warmup=2), reps, by_s)
+        r = ops.backend()["masked_scatter"]
+        rec.add(f"{case}/scatter", shape, "d2v.ops.masked_scatter", r["impl"],
+                bench(lambda: ops.masked_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
+        del kept, fill, x
+        # per-clone targets from the (B, T, D) fp32 targets
+        y = torch.randn(B, T, D, device=dev)
+        by_t = 2 * R * N * D * 4 + R * N * 8
+        shape_t = f"B={B} M={M} T={T} N={N} D={D} fp32"
+        rec.add(f"{case}/targets", shape_t, "torch eager", "torch",
+                bench(lambda: _eager_targets(y, ids_masked, M), dev, reps), reps, by_t, note="repeat_interleave + gather")
+        rec.add(f"{case}/targets", shape_t, "torch advanced index", "torch",
+                bench(lambda: kg.masked_targets_ref(y, ids_masked, M), dev, reps), reps, by_t, note="y[r // M, ids]")
+        comp, why = try_compile(_eager_targets, not args.no_compile)
+        if comp is not None:
+            rec.add(f"{case}/targets", shape_t, "torch.compile", "inductor",
+                    bench(lambda: comp(y, ids_masked, M), dev, reps, warmup=2), reps, by_t)
+        r = ops.backend()["masked_targets"]
+        rec.add(f"{case}/targets", shape_t, "d2v.ops.masked_targets", r["impl"],
+                bench(lambda: ops.masked_targets(y, ids_masked, M), dev, reps), reps, by_t)
+        del y
+    rec.speedups("torch eager")
+    if not args.no_write:
+        rec.write("bf16 activations; x eager = speed-up over the eager torch row of the same case.")
+
+
+if __name__ == "__main__":
+    main()
