@@ -6,8 +6,10 @@ the modality (images: the class; speech: the spoken word and the speaker; text: 
 The teacher is probed as the encoder it is during training: the student's modules with the teacher's
 EMA parameters laid over them (audio/text teachers share the student's feature extractor).
 
-Features are standardized with train statistics; the L2 strength is chosen by stratified
-cross-validation on the training features only; accuracy is measured on the held-out split.
+Features are standardized with train statistics; the classifier is multinomial logistic regression
+fit by full-batch L-BFGS in torch (a second per fit, where sklearn's CV took a minute on 80 classes);
+its L2 strength is chosen by stratified cross-validation on the training features only; accuracy is
+measured on the held-out split.
 
 References: ../shared/spec/probe_feasibility.md (10-shot digits probe as the target signal).
 """
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from d2v.checkpoint import load_checkpoint
 from d2v.config import Config
@@ -27,7 +29,7 @@ from d2v.data.build import ProbeTask, build_probe_tasks
 from d2v.registry import build_model
 from d2v.trainer import seed_everything
 
-C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on the mean cross-entropy scale
 
 
 @torch.no_grad()
@@ -53,22 +55,53 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(idx))
 
 
+def fit_logreg(x_ND: torch.Tensor, y_N: torch.Tensor, num_classes: int, l2: float,
+               max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, full-batch L-BFGS in float64: minimizes
+    mean cross-entropy + l2/2 * ||W||^2 -> (W (D, C), b (C,))."""
+    W = torch.zeros(x_ND.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x_ND @ W + b, y_N) + 0.5 * l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
 def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0) -> float:
-    """Held-out accuracy (%) of multinomial logistic regression, C chosen by stratified CV."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    """Held-out accuracy (%) of multinomial logistic regression on standardized features; the L2
+    strength is chosen from L2_GRID by stratified k-fold CV on the training features only (k = 5,
+    fewer when a class has fewer examples), then the model is refit on all of them."""
+    from sklearn.model_selection import StratifiedKFold
 
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    counts = np.bincount(y_tr)
-    folds = int(min(5, counts[counts > 0].min()))  # stratified CV needs >= folds examples per class
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter on tiny, separable folds
-        if folds >= 2:
-            clf = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, max_iter=1000, random_state=seed)
-        else:
-            clf = LogisticRegression(C=1.0, max_iter=1000)
-        clf.fit(x_tr, y_tr)
-    return float((clf.predict(x_te) == y_te).mean() * 100.0)
+    xt = torch.from_numpy((x_tr - mu) / sd).double()
+    xe = torch.from_numpy((x_te - mu) / sd).double()
+    classes, yt = np.unique(y_tr, return_inverse=True)  # labels -> 0..C-1
+    yt = torch.from_numpy(yt)
+    C = len(classes)
+    counts = np.bincount(yt.numpy())
+    folds = int(min(5, counts.min()))
+    best = L2_GRID[len(L2_GRID) // 2]
+    if folds >= 2 and C > 1:
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(xt.numpy(), yt.numpy()))
+        scores = []
+        for l2 in L2_GRID:
+            correct = 0
+            for tr, va in splits:
+                W, b = fit_logreg(xt[tr], yt[tr], C, l2)
+                correct += int(((xt[va] @ W + b).argmax(1) == yt[va]).sum())
+            scores.append(correct)
+        best = L2_GRID[int(np.argmax(scores))]  # ties -> the weaker penalty listed first
+    W, b = fit_logreg(xt, yt, C, best)
+    pred = classes[(xe @ W + b).argmax(1).numpy()]
+    return float((pred == y_te).mean() * 100.0)
 
 
 def _split(ds_all, seed: int):

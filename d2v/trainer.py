@@ -159,15 +159,19 @@ class Trainer:
     # --------------------------------------------------------------------------------- loop
     def banner(self) -> str:
         cfg, n = self.cfg, sum(p.numel() for p in self.model.parameters())
-        ops_line = ", ".join(f"{k}={v['impl']}/{v['variant']}" for k, v in ops.backend().items())
-        why = next(iter(ops.backend().values()))["reason"]
+        table = ops.backend()
+        ops_line = ", ".join(f"{k}={v['impl']}/{v['variant']}" for k, v in table.items())
+        reasons: dict[str, list[str]] = {}  # each distinct reason once, with the ops it explains
+        for k, v in table.items():
+            reasons.setdefault(v["reason"], []).append(k)
+        why = "\n".join(f"    {', '.join(names)}: {r}" for r, names in reasons.items())
         lines = [
             f"d2v pretrain | {cfg.model.modality}/{cfg.model.flavor} | {n / 1e6:.2f}M student params | "
             f"device {self.device} | precision {cfg.train.precision} | threads {torch.get_num_threads()}",
             f"  data: {len(self.dataset)} samples from {self.dataset_root()} "
             f"({len(self.bad_files)} unreadable skipped) | batch {cfg.train.batch_size} x "
             f"{cfg.masking.clone_batch} clones | steps {self.step}->{cfg.train.max_steps}",
-            f"  ops: {ops_line} ({why})",
+            f"  ops: {ops_line}\n{why}",
             f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""),
         ]
         return "\n".join(lines)
