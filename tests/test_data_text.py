@@ -489,3 +489,22 @@ def test_prepare_fortunes_from_fake_source(tmp_path, monkeypatch):
                                 for j in range(n)}
         order = [int(s.split()[3]) for s in tr]
         assert order == sorted(order)  # source order kept
+
+
+def test_word_order_dataset_same_bag_of_tokens(tmp_path):
+    from d2v.data.text import WordOrderDataset
+
+    lines = [" ".join(f"word{(7 * i + j) % 50} and more text here" for j in range(3)) for i in range(40)]
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    (tmp_path / "c" / "x" / "a.txt").write_text("\n".join(lines) + "\nshort\n")
+    tok = train_tokenizer([tmp_path / "c" / "x" / "a.txt"], 300, tmp_path / "tok.json")
+    base = TextLineDataset(scan_text_source(tmp_path / "c"), tok, max_len=64)
+    ds = WordOrderDataset(base, seed=3, min_tokens=8)
+    assert len(ds) == 40  # the 1-word line is too short to shuffle
+    assert 10 < sum(ds.labels) < 30 and ds.labels == WordOrderDataset(base, seed=3).labels
+    for i in range(len(ds)):
+        orig = base[ds.indices[i]]["tokens"]
+        got = ds[i]["tokens"]
+        assert got[0] == orig[0] == BOS_ID and sorted(got.tolist()) == sorted(orig.tolist())
+        assert torch.equal(got, orig) == (ds.labels[i] == 1)
+        assert torch.equal(got, ds[i]["tokens"])  # deterministic

@@ -119,7 +119,10 @@ def test_text_folder_pretrain_probe_and_bad_files(tmp_path):
     p = d2v("probe", "--checkpoint", str(out), "--json")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
-    assert res["n_train"] == 48 and res["n_test"] == 12  # 60 labelled lines split 80/20
+    assert list(res["tasks"]) == ["word_order", "class"]
+    cls = res["tasks"]["class"]
+    assert cls["n_train"] == 48 and cls["n_test"] == 12 and cls["classes"] == 2  # 60 lines split 80/20
+    assert res["tasks"]["word_order"]["classes"] == 2
 
 
 def test_text_with_no_usable_file_fails_clearly(tmp_path):
@@ -191,5 +194,6 @@ def test_embedded_fortunes_pretrain_and_topic_probe(tmp_path):
             *overrides("text", out, 3, **{"train.probe_after": True}))
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "probe.json").read_text())
-    assert list(res["tasks"]) == ["topic"] and res["tasks"]["topic"]["classes"] == 8
-    assert res["n_train"] > 3000 and res["n_test"] > 700
+    assert list(res["tasks"]) == ["word_order", "topic"] and res["tasks"]["topic"]["classes"] == 8
+    assert res["tasks"]["topic"]["n_train"] > 3000 and res["tasks"]["topic"]["n_test"] > 700
+    assert res["n_train"] > 2000  # headline task: word order on the fortunes with more than 8 tokens

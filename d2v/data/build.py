@@ -190,7 +190,9 @@ def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
 
 
 def _text_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
-    from d2v.data.text import TextLineDataset, collate_text_eval, scan_text_source
+    """Two tasks: word order (every line as written or token-shuffled; needs no labels) and, when the
+    files are in class subfolders, the class (embedded fortunes: the topic)."""
+    from d2v.data.text import TextLineDataset, WordOrderDataset, collate_text_eval, scan_text_source
 
     root = _text_root(cfg)
     tok = text_tokenizer(cfg, Path(run_dir or cfg.train.out_dir))
@@ -200,12 +202,15 @@ def _text_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
     else:
         tr_files, te_files = scan_text_source(root), None
     classes = sorted({lab for _, lab in tr_files if lab is not None})
-    if not classes:
-        raise ValueError(f"the probe needs labelled text: put each class's files in its own subfolder of "
-                         f"{root} (one example per line)")
     tr = TextLineDataset(tr_files, tok, max_len=T, classes=classes)
     te = TextLineDataset(te_files, tok, max_len=T, classes=classes) if te_files else None
-    return [ProbeTask("topic" if cfg.data.path is None else "class", tr, te, collate_text_eval, "tokens")]
+    seed = cfg.probe.seed
+    tasks = [ProbeTask("word_order", WordOrderDataset(tr, seed=seed),
+                       WordOrderDataset(te, seed=seed + 1) if te is not None else None,
+                       collate_text_eval, "tokens")]
+    if classes:
+        tasks.append(ProbeTask("topic" if cfg.data.path is None else "class", tr, te, collate_text_eval, "tokens"))
+    return tasks
 
 
 # ------------------------------------------------------------------------------------------ dispatch

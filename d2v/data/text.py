@@ -507,6 +507,38 @@ class TextLineDataset(torch.utils.data.Dataset):
         return {"tokens": self._tokens[lo:hi].to(torch.int64), "label": self.labels[i]}
 
 
+class WordOrderDataset(torch.utils.data.Dataset):
+    """A word-order probe built from labelled lines: each example of `base` with at least
+    `min_tokens` tokens appears once, either as written (label 1) or with its tokens after <s>
+    randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly the same bag of
+    tokens, so features that ignore order (a bag of embeddings) score chance; above-chance accuracy
+    measures what the encoder learned about English word order from context."""
+
+    classes = ["shuffled", "original"]
+
+    def __init__(self, base: TextLineDataset, *, seed: int = 0, min_tokens: int = 8):
+        self.base, self.root, self.seed = base, base.root, int(seed)
+        self.indices = [i for i in range(len(base)) if int(base._offsets[i + 1] - base._offsets[i]) > min_tokens]
+        if not self.indices:
+            raise ValueError(f"WordOrderDataset: no line of {base.root} has more than {min_tokens} tokens")
+        g = torch.Generator().manual_seed(derive_seed("word-order", self.seed))
+        self.labels: list[int] = torch.randint(0, 2, (len(self.indices),), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        tokens = self.base[self.indices[i]]["tokens"]
+        if self.labels[i] == 0:
+            g = torch.Generator().manual_seed(derive_seed("word-order-item", self.seed, i))
+            body = tokens[1:]
+            perm = torch.randperm(body.numel(), generator=g)
+            while body.numel() > 1 and torch.equal(body[perm], body):  # never "shuffled" into itself
+                perm = torch.randperm(body.numel(), generator=g)
+            tokens = torch.cat([tokens[:1], body[perm]])
+        return {"tokens": tokens, "label": self.labels[i]}
+
+
 # ---- collates -----------------------------------------------------------------------------
 
 
