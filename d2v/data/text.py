@@ -509,8 +509,8 @@ class TextLineDataset(torch.utils.data.Dataset):
 
 class WordOrderDataset(torch.utils.data.Dataset):
     """A word-order probe built from labelled lines: each example of `base` with at least
-    `min_tokens` tokens appears once, either as written (label 1) or with its tokens after <s>
-    randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly the same bag of
+    `min_tokens` tokens appears once, either as written (label 1) or with its tokens after <s> and
+    the first token randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly the same bag of
     tokens, so features that ignore order (a bag of embeddings) score chance; above-chance accuracy
     measures what the encoder learned about English word order from context."""
 
@@ -531,11 +531,13 @@ class WordOrderDataset(torch.utils.data.Dataset):
         tokens = self.base[self.indices[i]]["tokens"]
         if self.labels[i] == 0:
             g = torch.Generator().manual_seed(derive_seed("word-order-item", self.seed, i))
-            body = tokens[1:]
+            # <s> and the first token stay: the first word is the one BPE token without a leading
+            # space, so moving it would mark shuffled lines by position alone
+            body = tokens[2:]
             perm = torch.randperm(body.numel(), generator=g)
             while body.numel() > 1 and torch.equal(body[perm], body):  # never "shuffled" into itself
                 perm = torch.randperm(body.numel(), generator=g)
-            tokens = torch.cat([tokens[:1], body[perm]])
+            tokens = torch.cat([tokens[:2], body[perm]])
         return {"tokens": tokens, "label": self.labels[i]}
 
 
