@@ -43,21 +43,33 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
+def begin_checkpoint(out_dir: str | Path, step: int, suffix: str | None = None) -> Path:
+    """A fresh temporary folder for checkpoint `step` (all ranks of a run pass the same `suffix`)."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final = root / name
-    tmp = root / f".{name}.tmp-{os.getpid()}"
+    tmp = root / f".step_{step:08d}.tmp-{suffix or os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def write_state(tmp: Path, state: dict, config: dict) -> None:
+    """state.pt (the completeness marker, written last) and config.yaml, fsynced."""
+    _write_file(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _write_file(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
-    _fsync_dir(tmp)
+
+
+def commit_checkpoint(out_dir: str | Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """Rename the complete temporary folder into place, then move `latest`, then prune."""
+    root = checkpoint_root(out_dir)
+    name = f"step_{step:08d}"
+    final = root / name
+    for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -68,6 +80,12 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict, config: dict, k
     _fsync_dir(root)
     _prune(root, keep_last)
     return final
+
+
+def save_checkpoint(out_dir: str | Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
+    tmp = begin_checkpoint(out_dir, step)
+    write_state(tmp, state, config)
+    return commit_checkpoint(out_dir, step, tmp, keep_last)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -102,4 +120,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, Path]:
     except Exception as e:  # corrupt or truncated file: say which
         raise RuntimeError(f"cannot read checkpoint {ck / STATE_FILE}: {e}") from e
     config = yaml.safe_load((ck / CONFIG_FILE).read_text())
+    return state, config, ck
+
+
+def load_weights(path: str | Path) -> tuple[dict, dict, Path]:
+    """Like load_checkpoint, for either engine: state["model"] and state["teacher"] are consolidated
+    fp32 state dicts (a DeepSpeed checkpoint is consolidated with zero_to_fp32, see d2v/engine.py)."""
+    state, config, ck = load_checkpoint(path)
+    if state.get("engine") == "deepspeed":
+        from d2v.engine import consolidate
+
+        state = dict(state)
+        state["model"], state["teacher"] = consolidate(state, ck)
     return state, config, ck

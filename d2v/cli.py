@@ -3,6 +3,10 @@
   d2v pretrain --config configs/tiny_image.yaml [key=value ...] [--resume [DIR]] [--no-probe]
   d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
   d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt
+
+On several processes (the DeepSpeed engine, d2v/engine.py):
+  deepspeed --num_gpus N --module d2v pretrain --config ...   (add --hostfile FILE for several nodes)
+  torchrun --nproc_per_node N -m d2v pretrain --config ...
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
 def _pretrain(args) -> int:
     from d2v.config import load_config
     from d2v.probe import format_probe, run_probe
-    from d2v.trainer import Trainer
+    from d2v.engine import make_trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
+    trainer = make_trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
     summary = trainer.train()
+    if not trainer.is_main:  # rank 0 reports and probes
+        return 0
     f = summary["final"]
     if summary["steps_this_run"] == 0:
         print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} "
@@ -53,9 +59,9 @@ def _probe(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from d2v.checkpoint import load_checkpoint
+    from d2v.checkpoint import load_weights
 
-    state, cfg, ck = load_checkpoint(args.checkpoint)
+    state, cfg, ck = load_weights(args.checkpoint)
     torch.save({"student": state["model"], "teacher": state["teacher"], "config": cfg, "step": state["step"]},
                args.out)
     print(f"wrote {args.out}: student + teacher fp32 state dicts and config from {ck}")
@@ -64,6 +70,9 @@ def _export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining")
+    # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
+    # environment it also sets: d2v reads those)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     pt = sub.add_parser("pretrain", help="pretrain with data2vec 2.0 (then run the linear probe)")
     pt.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_image.yaml")
@@ -80,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--shots", type=int, default=None, help="examples per class for the few-shot probe")
     pr.add_argument("--json", action="store_true", help="print the result as JSON")
     pr.set_defaults(fn=_probe)
-    ex = sub.add_parser("export", help="write student + teacher weights and config to one .pt file")
+    ex = sub.add_parser("export", help="write consolidated fp32 student + teacher weights and config to one "
+                                       ".pt file (DeepSpeed checkpoints via zero_to_fp32; loads without it)")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=_export)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "check_resume_config"]
 
 
 class ConfigError(ValueError):
@@ -97,10 +97,19 @@ class ModelConfig:
     # teacher sharing (spec §5): which student parts the EMA teacher copies
     ema_encoder_only: bool = False  # teacher = EMA main blocks only, fed the student's features (text)
     ema_local_encoder: bool = True  # teacher has its own EMA feature extractor (image) or reuses the student's (audio)
+    # how the step is computed (data2vec 2.0 defaults; the others are the ablation / data2vec 1.0 modes)
+    attention: str = "sdpa"  # "sdpa" (fused scaled_dot_product_attention) | "eager" (softmax(q k^T) v, as the reference)
+    skip_masked: bool = True  # student encodes kept tokens only; false: full length, masked tokens = learned embedding
+    head: str = "decoder"  # "decoder" (2.0 conv decoder) | "linear" (data2vec 1.0: a Linear on the student's masked outputs)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def validate(self, p: str = "model") -> None:
         _choice(f"{p}.modality", self.modality, MODALITIES)
+        _choice(f"{p}.attention", self.attention, ("sdpa", "eager"))
+        _choice(f"{p}.head", self.head, ("decoder", "linear"))
+        if self.head == "linear" and self.skip_masked:
+            raise ConfigError(f"{p}.head: linear (data2vec 1.0) predicts from the full-length student's outputs: "
+                              f"set {p}.skip_masked: false")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
                               f"{p}.num_heads ({self.num_heads})")
@@ -206,7 +215,7 @@ class TrainConfig:
     max_steps: int = 375300  # optimizer steps
     batch_size: int = 16  # samples per step (each expands to clone_batch masked views)
     seed: int = 0  # model init, data order, augmentation and masks
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast; targets, norms and losses stay fp32)
+    precision: str = "fp32"  # "fp32" | "bf16" (targets, norms and losses stay fp32) | "fp16" (DeepSpeed, GPU)
     num_threads: int = 0  # torch intra-op threads (0 = torch default)
     out_dir: str = "runs/d2v"  # checkpoints, metrics.csv, loss-curve PNG
     log_every: int = 10  # steps between metric logs (the only host syncs)
@@ -216,7 +225,7 @@ class TrainConfig:
     probe_after: bool = True  # run the linear probe when pretraining ends
 
     def validate(self, p: str = "train") -> None:
-        _choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        _choice(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
         for k in ("max_steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{p}.{k} must be >= 1, got {getattr(self, k)}")
@@ -275,6 +284,34 @@ class ProbeConfig:
             raise ConfigError(f"{p}.shots must be >= 1")
 
 
+ENGINES = ("auto", "single", "deepspeed")
+OPTIMIZERS = ("torch_adamw", "deepspeed_adam", "apex_fused_adam")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    # "auto" = deepspeed when launched by the deepspeed launcher or torchrun (WORLD_SIZE/LOCAL_RANK set)
+    name: str = "auto"  # "auto" | "single" (d2v/trainer.py) | "deepspeed" (d2v/engine.py)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3
+    grad_accum_steps: int = 1  # micro-batches of train.batch_size per rank per optimizer step
+    activation_checkpointing: bool = False  # recompute each main block in the backward pass
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on the CPU
+    # "torch_adamw" (fused on GPU) | "deepspeed_adam" (fused/CPU) | "apex_fused_adam" (NVIDIA apex)
+    optimizer: str = "torch_adamw"
+    ds_config: Optional[str] = None  # DeepSpeed JSON whose documented keys override the derived config
+    max_nonfinite_steps: int = 10  # stop after this many non-finite-loss steps in a row (each is skipped)
+
+    def validate(self, p: str = "engine") -> None:
+        _choice(f"{p}.name", self.name, ENGINES)
+        _choice(f"{p}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
+        if self.grad_accum_steps < 1 or self.max_nonfinite_steps < 1:
+            raise ConfigError(f"{p}: grad_accum_steps and max_nonfinite_steps must be >= 1")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{p}.offload_optimizer needs {p}.zero_stage >= 1 (DeepSpeed offloads "
+                              f"only partitioned optimizer states)")
+
+
 @dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -285,6 +322,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -297,6 +335,9 @@ class Config:
         if m.modality == "text" and (self.data.tokens_per_sample or 0) > m.max_positions:
             raise ConfigError(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
                               f"model.max_positions ({m.max_positions})")
+        if self.train.precision == "fp16" and self.engine.name == "single":
+            raise ConfigError("train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
+                              "auto; the single-process engine supports fp32 and bf16")
         if m.modality != "image" and self.probe.pool == "cls" and m.num_extra_tokens == 0:
             raise ConfigError("probe.pool: 'cls' needs model.num_extra_tokens >= 1")
         return self
@@ -412,6 +453,31 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+# keys that may differ between a checkpoint's config and the resuming run's (they change no numerics)
+RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
+                     "data.num_workers", "probe.pool", "probe.shots", "probe.seed",
+                     "engine.ds_config", "engine.max_nonfinite_steps", "engine.activation_checkpointing"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, ck) -> None:
+    """Raise if `current` differs from the checkpoint's `saved` config in a key outside RESUME_MAY_CHANGE."""
+    saved = {"engine": dataclasses.asdict(EngineConfig()), **saved}  # runs saved before engine.* existed
+    a, b = _flat(saved), _flat(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise ValueError(f"cannot resume from {ck}: the config differs in {shown}"
+                         f"{' ...' if len(diff) > 5 else ''} (start a new train.out_dir instead)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

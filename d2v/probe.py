@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2v.checkpoint import load_checkpoint
+from d2v.checkpoint import load_weights
 from d2v.config import Config
 from d2v.data.build import ProbeTask, build_probe_tasks
 from d2v.registry import build_model
@@ -158,7 +158,7 @@ def teacher_encoder(student, teacher_state: dict, ck) -> torch.nn.Module:
 def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None = None,
               device: str | None = None) -> dict:
     """Probe a checkpoint's student and teacher against a random init of the same shape and seed."""
-    state, cfg_dict, ck = load_checkpoint(checkpoint)
+    state, cfg_dict, ck = load_weights(checkpoint)
     cfg = Config.from_dict(cfg_dict)
     pool, shots = pool or cfg.probe.pool, shots or cfg.probe.shots
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

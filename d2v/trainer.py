@@ -21,34 +21,12 @@ from tqdm import tqdm
 
 from d2v import ops
 from d2v.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from d2v.config import Config
+from d2v.config import Config, check_resume_config
 from d2v.ema import EMATeacher
 from d2v.masking import make_maskinfo
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from d2v.model import STAT_KEYS
 from d2v.registry import build_model
-
-
-# keys that may differ between a checkpoint's config and the resuming run's (they change no numerics)
-RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
-                     "data.num_workers", "probe.pool", "probe.shots", "probe.seed"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def _check_resume_config(saved: dict, current: dict, ck) -> None:
-    a, b = _flat(saved), _flat(current)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        raise ValueError(f"cannot resume from {ck}: the config differs in {shown}"
-                         f"{' ...' if len(diff) > 5 else ''} (start a new train.out_dir instead)")
 
 
 def _latest_or_none(out_dir: Path):
@@ -105,12 +83,30 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def step_mode(cfg) -> str:
+    """How the step computes (the data2vec 2.0 default or the benchmark / 1.0 modes), for the banner."""
+    m = cfg.model
+    if m.skip_masked:
+        student = "student encodes kept tokens only"
+    else:
+        student = "full-length student + mask embedding"
+    head = "linear head (data2vec 1.0)" if m.head == "linear" else "conv decoder"
+    return f"{student}, {head}, {m.attention} attention, {cfg.masking.clone_batch} mask(s) per sample"
+
+
 class Trainer:
+    rank, world_size = 0, 1
+
     def __init__(self, cfg: Config, resume: str | bool | None = None, progress: bool = True,
                  device: str | None = None, config_path: str | None = None):
-        self.cfg, self.progress, self.config_path = cfg, progress, config_path
+        self.cfg, self.config_path = cfg, config_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._init_world()
+        self.progress = progress and self.is_main
         self.out_dir = Path(cfg.train.out_dir)
+        if cfg.train.precision == "fp16":
+            raise ValueError("train.precision: fp16 needs the DeepSpeed engine (engine.name=deepspeed); the "
+                             "single-process trainer supports fp32 and bf16")
         existing = _latest_or_none(self.out_dir)
         if not resume and existing is not None:  # checked before any model is built
             raise FileExistsError(
@@ -121,21 +117,76 @@ class Trainer:
 
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg).to(self.device)  # same seed -> same init as the probe's baseline
-        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.decay_1d),
-                                           lr=o.lr, betas=o.betas, eps=o.eps)
+        self._build_engine()
+        if self.rank > 0:  # per-rank decoder noise / layerdrop draws; rank 0 matches a single process
+            seed_everything(cfg.train.seed + 1_000_003 * self.rank)
         self.step = 0
         self.resumed_from = None
         if resume is True and existing is not None:  # --resume: continue the run in out_dir, if any
             self._restore(existing)
         elif resume and resume is not True:  # --resume DIR: that checkpoint, which must exist
             self._restore(resume)
+        self._build_data()
+
+    def _build_data(self) -> None:
+        """The pretraining dataset and a loader that starts at this run's data position."""
         from d2v.data.build import SOURCE_KEY, build_pretrain_data
 
-        self.source_key = SOURCE_KEY[cfg.model.modality]
-        self.dataset, self.loader = build_pretrain_data(cfg, start_step=self.step)
+        self.source_key = SOURCE_KEY[self.cfg.model.modality]
+        self.dataset, self.loader = build_pretrain_data(self.cfg, start_step=self.data_position(),
+                                                        rank=self.rank, world_size=self.world_size)
         self.bad_files = {p for p, _ in getattr(self.dataset, "bad_files", [])}
+
+    # --------------------------------------------------------------------------------- engine hooks
+    micro_steps = 1  # loader batches per optimizer step
+    skipped_steps = 0  # optimizer steps skipped for a non-finite loss (their batches were consumed)
+
+    def data_position(self) -> int:
+        """Loader batches consumed so far on each rank (where a resumed run's sampler starts)."""
+        return (self.step + self.skipped_steps) * self.micro_steps
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _init_world(self) -> None:
+        """Single process: rank 0 of 1 (the DeepSpeed engine joins a process group here)."""
+
+    def _build_engine(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.decay_1d),
+                                           lr=o.lr, betas=o.betas, eps=o.eps)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.train.precision == "bf16")
+
+    def _next_batch(self, it) -> tuple[torch.Tensor, "object"]:
+        batch = next(it)
+        self.bad_files.update(batch.get("bad", []))
+        mask = make_maskinfo(batch["mask"]).to(self.device, non_blocking=True)
+        return batch[self.source_key].to(self.device, non_blocking=True), mask
+
+    def _train_step(self, it) -> tuple[dict, torch.Tensor | None, float, int]:
+        """One optimizer step -> (model outputs, grad norm or None, lr, samples on this rank); outputs
+        None when the step was skipped."""
+        cfg = self.cfg
+        source, mask = self._next_batch(it)
+        with self.autocast:
+            out = self.model(source, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gnorm = (torch.nn.utils.clip_grad_norm_(self._params, cfg.optim.clip_norm)
+                 if cfg.optim.clip_norm > 0 else None)
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        return out, gnorm, lr, source.shape[0]
+
+    def _reduce_stats(self, stats: dict) -> dict:
+        """Logged metrics: this rank's (the DeepSpeed engine averages them over ranks)."""
+        return stats
 
     # --------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
@@ -148,7 +199,7 @@ class Trainer:
 
     def _restore(self, path) -> None:
         state, saved_cfg, ck = load_checkpoint(path)
-        _check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
+        check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
         self.model.load_state_dict(state["model"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -171,6 +222,7 @@ class Trainer:
             f"  data: {len(self.dataset)} samples from {self.dataset_root()} "
             f"({len(self.bad_files)} unreadable skipped) | batch {cfg.train.batch_size} x "
             f"{cfg.masking.clone_batch} clones | steps {self.step}->{cfg.train.max_steps}",
+            f"  step: {step_mode(cfg)}",
             f"  ops: {ops_line}\n{why}",
             f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""),
         ]
@@ -180,11 +232,11 @@ class Trainer:
         return str(getattr(self.dataset, "root", self.cfg.data.path))
 
     def train(self) -> dict:
-        cfg, dev = self.cfg, self.device
-        print(self.banner(), flush=True)
-        logger = MetricsLogger(self.out_dir, resume_step=self.step, tensorboard=cfg.train.tensorboard)
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        cfg = self.cfg
+        if self.is_main:
+            print(self.banner(), flush=True)
+        logger = (MetricsLogger(self.out_dir, resume_step=self.step, tensorboard=cfg.train.tensorboard)
+                  if self.is_main else None)
         start_step, t_start = self.step, time.time()
         t_log, n_log = time.time(), 0
         last, ckpt = {}, None
@@ -193,28 +245,17 @@ class Trainer:
         it = iter(self.loader)
         self.model.train()
         while self.step < cfg.train.max_steps:
-            batch = next(it)
-            self.bad_files.update(batch.get("bad", []))
-            mask = make_maskinfo(batch["mask"]).to(dev, non_blocking=True)
-            source = batch[self.source_key].to(dev, non_blocking=True)
-            with autocast:
-                out = self.model(source, mask)
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
-                     if cfg.optim.clip_norm > 0 else None)
-            lr = lr_at(self.step, cfg)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            self.optimizer.step()
+            out, gnorm, lr, n = self._train_step(it)
+            if out is None:  # skipped (non-finite loss): no update, no EMA step, no log
+                continue
             self.step += 1
             decay = self.teacher.update(self.step)
-            n_log += source.shape[0]
+            n_log += n
             bar.update(1)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 # sync point: the only host reads of device values in the loop
-                last = {k: float(out[k].detach()) for k in STAT_KEYS}
+                last = self._reduce_stats({k: float(out[k].detach()) for k in STAT_KEYS})
                 if not math.isfinite(last["loss"]):
                     raise FloatingPointError(f"non-finite loss {last['loss']} at step {self.step}; "
                                              f"last checkpoint: {ckpt or 'none'}")
@@ -223,25 +264,30 @@ class Trainer:
                             grad_norm=float(gnorm) if gnorm is not None else None,
                             samples_per_s=n_log / max(now - t_log, 1e-9), elapsed_s=now - t_start)
                 t_log, n_log = now, 0
-                logger.log(last)
+                if logger is not None:
+                    logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tvar=f"{last['target_var']:.2f}",
                                 smp_s=f"{last['samples_per_s']:.0f}")
                 self._collapse_guard(last)
             if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps:
                 ckpt = self.save()
         bar.close()
-        logger.close()
         wall = time.time() - t_start
-        if not last:  # nothing ran (a finished run resumed): report its last logged metrics
-            rows = read_metrics(logger.path)
-            last = rows[-1] if rows else {}
-        png = plot_loss_curve(logger.path, self.out_dir / "loss_curve.png")
+        metrics_csv, png = self.out_dir / "metrics.csv", None
+        if logger is not None:
+            logger.close()
+            metrics_csv = logger.path
+            if not last:  # nothing ran (a finished run resumed): report its last logged metrics
+                rows = read_metrics(logger.path)
+                last = rows[-1] if rows else {}
+            png = plot_loss_curve(logger.path, self.out_dir / "loss_curve.png")
         done = self.step - start_step
+        samples = done * cfg.train.batch_size * self.micro_steps * self.world_size
         return {
             "steps": self.step, "steps_this_run": done, "wall_s": wall,
-            "samples_per_s": done * cfg.train.batch_size / max(wall, 1e-9),
+            "samples_per_s": samples / max(wall, 1e-9),
             "final": last, "checkpoint": str(ckpt or resolve_checkpoint(self.out_dir)),
-            "metrics_csv": str(logger.path), "loss_curve": str(png) if png else None,
+            "metrics_csv": str(metrics_csv), "loss_curve": str(png) if png else None,
             "unreadable_files": sorted(self.bad_files),
         }
 

@@ -1,0 +1,474 @@
+"""The DeepSpeed ZeRO engine for `d2v pretrain`: the trainer loop of d2v/trainer.py on a real
+`deepspeed.initialize` engine (stages 0-3, bf16/fp16, clipping, gradient accumulation, activation
+checkpointing, optimizer offload), with an EMA teacher that survives sharding.
+
+The DeepSpeed config is derived from d2v's typed config (`deepspeed_config`); a user JSON
+(`engine.ds_config`) may add or override any key d2v does not own, and is refused where it
+contradicts a key d2v derives (the message names the d2v key to set instead).
+
+EMA teacher per stage (../shared/spec/anchors.md §6.4, §7.1):
+- ZeRO 0-2: module parameters are replicated and identical on every rank after `engine.step()`, so
+  every rank keeps the full fp32 teacher and updates it locally (`d2v.ema.EMATeacher`), no
+  communication.
+- ZeRO-3: the teacher is partitioned exactly like the student (`deepspeed.zero.Init(module=...)`:
+  same per-parameter flatten/pad/slice over the same data-parallel group), and each rank lerps its
+  own teacher shard `p.ds_tensor` toward its fp32 master shard of the student
+  (`safe_get_local_fp32_param`) with `d2v.ops.ema_update_`: no gather of student weights for the
+  update. The teacher's forward gathers each module's (fp32) parameters just before its forward
+  and releases them after it, like any ZeRO-3 forward.
+
+References: DeepSpeed docs config-json / zero3 ("Modifying Partitioned States"); DeepSpeed #2056,
+OpenRLHF PR #1357 (EMA writes lost under ZeRO-3 without modifier_rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from d2v import ops
+from d2v.checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, write_state
+from d2v.config import Config, ConfigError, _deep_merge, _flat, check_resume_config
+from d2v.ema import EMATeacher, ema_decay
+from d2v.trainer import Trainer, lr_at, param_groups, rng_state, set_rng_state
+
+DS_TAG = "ds"  # DeepSpeed's own checkpoint inside each d2v checkpoint folder: <step>/ds/
+
+# DeepSpeed keys d2v derives from its own config -> the d2v key that sets them
+OWNED = {
+    "train_batch_size": "train.batch_size x engine.grad_accum_steps x world size",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "engine.grad_accum_steps",
+    "gradient_clipping": "optim.clip_norm",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.offload_optimizer.device": "engine.offload_optimizer",
+    "optimizer": "engine.optimizer and optim.*",
+    "scheduler": "optim.lr / warmup_steps / min_lr",
+}
+
+
+def launched_distributed() -> bool:
+    """True under the `deepspeed` launcher or torchrun (they export WORLD_SIZE / LOCAL_RANK)."""
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def use_deepspeed(cfg: Config) -> bool:
+    name = cfg.engine.name
+    return name == "deepspeed" or (name == "auto" and launched_distributed())
+
+
+def deepspeed_config(cfg: Config, world_size: int, user: dict | None = None) -> dict:
+    """The DeepSpeed config for `cfg` on `world_size` data-parallel ranks, with the user's JSON
+    (`user`, else the file `engine.ds_config` when set) merged over it."""
+    e, t = cfg.engine, cfg.train
+    zero: dict = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_batch_size": t.batch_size * e.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": e.grad_accum_steps,
+        "gradient_clipping": cfg.optim.clip_norm,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling; overflowing steps are skipped by DeepSpeed
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": zero,
+        # d2v builds the optimizer (engine.optimizer); allow the torch one with an offloaded state
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # d2v logs (rank 0, metrics.csv)
+        "wall_clock_breakdown": False,
+    }
+    if e.activation_checkpointing:
+        ds["activation_checkpointing"] = {"partition_activations": False,
+                                          "contiguous_memory_optimization": False}
+    if user is None and e.ds_config:
+        p = Path(e.ds_config).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"engine.ds_config: file not found: {p}")
+        try:
+            user = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"engine.ds_config: {p} is not valid JSON: {err}") from None
+    if user:
+        derived = _flat(ds)
+        for key, value in _flat(user).items():
+            owner = next((o for k, o in OWNED.items() if key == k or key.startswith(k + ".")), None)
+            if owner is not None and derived.get(key, object()) != value:
+                raise ConfigError(f"engine.ds_config sets {key}={value!r}, which d2v derives from {owner} "
+                                  f"(= {derived.get(key)!r}); set {owner} instead")
+        ds = _deep_merge(ds, user)
+    return ds
+
+
+def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    """The client optimizer named by engine.optimizer, over d2v's param groups."""
+    o, name = cfg.optim, cfg.engine.optimizer
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    on_gpu = torch.cuda.is_available()
+    if name == "torch_adamw":
+        return torch.optim.AdamW(groups, fused=on_gpu and not cfg.engine.offload_optimizer, **kw)
+    if name == "deepspeed_adam":  # JIT-builds DeepSpeed's op on first use (~1 min on CPU)
+        if cfg.engine.offload_optimizer or not on_gpu:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    try:
+        from apex.optimizers import FusedAdam as ApexFusedAdam
+    except ImportError:
+        raise ConfigError("engine.optimizer: apex_fused_adam needs NVIDIA apex (built from source, "
+                          "github.com/NVIDIA/apex; the PyPI 'apex' is another package); use torch_adamw "
+                          "or deepspeed_adam") from None
+    return ApexFusedAdam(groups, adam_w_mode=True, **kw)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, with no launcher, create a 1-process) process group -> (rank, world_size)."""
+    import deepspeed
+
+    if os.environ.get("D2V_DEEPSPEED_SHM", "1") == "0":  # skip the ~30 s JIT of the CPU shm comm op
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not launched_distributed():  # a plain `d2v pretrain engine.name=deepspeed`: one rank
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(k, v)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def register_method_params(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when its forward runs. Parameters used by a method
+    (the modality encoder's CLS tokens and ALiBi scales: `contextualize`, not `forward`) are
+    registered on the root module, whose forward is the step."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    me = getattr(model, "modality_encoder", None)
+    if me is not None:
+        for p in me.parameters(recurse=False):
+            register_external_parameter(model, p)
+
+
+class ShardedEMATeacher(EMATeacher):
+    """ZeRO-3: the teacher partitioned like the student; each rank updates only its own shard."""
+
+    def __init__(self, student, start, end, anneal_end_step, ds_config: dict):
+        # built (and paired by name) before the student is partitioned, like EMATeacher
+        super().__init__(student, start, end, anneal_end_step)
+        self.ds_config = ds_config
+
+    def partition(self) -> None:
+        """After deepspeed.initialize: partition the teacher over the same group as the student."""
+        import deepspeed
+
+        deepspeed.zero.Init(module=self.module, config_dict_or_path=self.ds_config, dtype=torch.float32)
+        for t in self._ema:
+            if not hasattr(t, "ds_tensor"):
+                raise RuntimeError("ZeRO-3 teacher: a teacher parameter was not partitioned")
+
+    @torch.no_grad()
+    def update(self, step: int) -> float:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        d = self.decay(step)
+        if d >= 1.0:
+            return d
+        ema, src = [], []
+        for i in self._avg:
+            shard = safe_get_local_fp32_param(self._src[i])  # this rank's fp32 master slice
+            t = self._ema[i].ds_tensor
+            if shard.numel() != t.numel():
+                raise RuntimeError(f"ZeRO-3 teacher: shard of {self.names[i]} has {t.numel()} elements, the "
+                                   f"student's fp32 master shard {shard.numel()}: partitions differ")
+            ema.append(t.view(-1))
+            src.append(shard.view(-1))
+        ops.ema_update_(ema, src, d)
+        for i in self._copy:  # frozen student params: copy the (identically partitioned) shard
+            self._ema[i].ds_tensor.copy_(self._src[i].ds_tensor)
+        for b, s in self._buffers:
+            b.copy_(s)
+        return d
+
+    def gathered(self):
+        """Context: the full teacher parameters, read-only (released on exit)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self._ema)
+
+    @contextlib.contextmanager
+    def forward_gathering(self):
+        """Context for the student's forward: each teacher module's own parameters are gathered just
+        before its forward and released after it (peak: one block of the teacher), those used by
+        methods rather than a forward (the CLS tokens) for the whole context."""
+        import deepspeed
+
+        loose = [p for p in self.module.modality_encoder.parameters(recurse=False)] \
+            if getattr(self.module, "modality_encoder", None) is not None else []
+        open_: dict[int, object] = {}
+
+        def pre(mod, _args):
+            ctx = deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)))
+            ctx.__enter__()
+            open_[id(mod)] = ctx
+
+        def post(mod, _args, _out):
+            open_.pop(id(mod)).__exit__(None, None, None)
+
+        handles = []
+        for mod in self.module.modules():
+            if mod is not self.module and any(True for _ in mod.parameters(recurse=False)) \
+                    and not any(p is q for p in mod.parameters(recurse=False) for q in loose):
+                handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        try:
+            with deepspeed.zero.GatheredParameters(loose):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for ctx in open_.values():
+                ctx.__exit__(None, None, None)
+
+    def state_dict(self) -> dict:
+        """This rank's teacher shards (flat fp32), by parameter name, plus the buffers."""
+        sd = {n: t.ds_tensor.detach().clone() for n, t in zip(self.names, self._ema)}
+        sd.update({f"buffer:{n}": b.detach().clone() for n, b in self.module.named_buffers()})
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for n, t in zip(self.names, self._ema):
+                if sd[n].numel() != t.ds_tensor.numel():
+                    raise ValueError(f"teacher shard {n}: saved {sd[n].numel()} elements, this rank holds "
+                                     f"{t.ds_tensor.numel()}: a ZeRO-3 run resumes on the same world size")
+                t.ds_tensor.copy_(sd[n])
+            for n, b in self.module.named_buffers():
+                b.copy_(sd[f"buffer:{n}"])
+
+    def full_state_dict(self) -> dict:
+        """Collective (every rank calls): the consolidated fp32 teacher."""
+        with self.gathered():
+            return {n: t.detach().clone() for n, t in self.module.state_dict().items()}
+
+
+def _checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each main block's forward in the backward pass (DeepSpeed activation checkpointing);
+    parameter names are unchanged, so the teacher pairing and checkpoints are unaffected."""
+    from deepspeed import checkpointing
+
+    for blk in model.blocks:
+        blk.forward = functools.partial(checkpointing.checkpoint, blk.forward)
+
+
+class DeepSpeedTrainer(Trainer):
+    """d2v's trainer loop (d2v/trainer.py) on a `deepspeed.initialize` engine, one process per rank."""
+
+    def _init_world(self) -> None:
+        self.rank, self.world_size = init_distributed()
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        elif self.cfg.train.precision == "fp16":
+            raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 "
+                              "or fp32")
+        self.micro_steps = self.cfg.engine.grad_accum_steps
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        cfg, e, o = self.cfg, self.cfg.engine, self.cfg.optim
+        self.ds_config = deepspeed_config(cfg, self.world_size)
+        teacher_cls = ShardedEMATeacher if e.zero_stage == 3 else EMATeacher
+        kw = {"ds_config": self.ds_config} if e.zero_stage == 3 else {}
+        self.teacher = teacher_cls(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
+                                   **kw)
+        if e.activation_checkpointing:
+            _checkpoint_blocks(self.model)
+        optimizer = build_optimizer(cfg, param_groups(self.model, o.weight_decay, o.decay_1d))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        if e.zero_stage == 3:
+            register_method_params(self.model)
+            self.teacher.partition()
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=low or torch.bfloat16, enabled=low is not None)
+
+    nonfinite_in_a_row = 0
+
+    def _train_step(self, it):
+        """Non-finite loss on any rank (all ranks agree through one tiny all-reduce per micro-batch):
+        without accumulation the whole step is skipped (no backward, no optimizer step, no EMA), its
+        batch consumed; with accumulation the bad micro-batch is dropped from the step. Either counts
+        toward engine.max_nonfinite_steps in a row."""
+        lr = lr_at(self.step, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        n, good, bad = 0, None, False
+        for _ in range(self.micro_steps):  # the engine steps the optimizer on the last micro-batch
+            source, mask = self._next_batch(it)
+            with self.autocast, self._teacher_params():
+                out = self.engine(source, mask)
+            finite = self._finite_on_all_ranks(out["loss"])
+            if finite:
+                self.engine.backward(out["loss"])
+                good = out
+            bad |= not finite
+            if finite or self.micro_steps > 1:  # keep the engine's accumulation window aligned
+                self.engine.step()
+            n += source.shape[0]
+        if bad:
+            self._count_nonfinite(float(out["loss"].detach()))
+            if good is None or self.micro_steps == 1:
+                self.skipped_steps += 1
+                return None, None, lr, n
+        else:
+            self.nonfinite_in_a_row = 0
+        if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it, lowered the scale
+            self.skipped_steps += 1
+            return None, None, lr, n
+        return good, self.engine.get_global_grad_norm(), lr, n
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _count_nonfinite(self, value: float) -> None:
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.engine.max_nonfinite_steps
+        if self.is_main:
+            print(f"warning: non-finite loss ({value} on rank {self.rank}, or on another rank) at step "
+                  f"{self.step + 1}: skipped ({self.nonfinite_in_a_row} in a row, limit "
+                  f"engine.max_nonfinite_steps={limit})", flush=True)
+        if self.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1} "
+                f"(engine.max_nonfinite_steps={limit}); {self.skipped_steps + 1} steps skipped in all. "
+                f"Lower optim.lr, raise optim.warmup_steps or use fp32; resume from the last checkpoint "
+                f"with --resume")
+
+    def _teacher_params(self):
+        if isinstance(self.teacher, ShardedEMATeacher):
+            return self.teacher.forward_gathering()
+        return contextlib.nullcontext()
+
+    def _reduce_stats(self, stats: dict) -> dict:
+        """Logged metrics are the mean over ranks (every rank gets the same values, so the collapse
+        guard and the non-finite check stop all ranks together)."""
+        t = torch.tensor(list(stats.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return dict(zip(stats, (t / self.world_size).tolist()))
+
+    def banner(self) -> str:
+        e = self.cfg.engine
+        return (super().banner() + f"\n  engine: DeepSpeed ZeRO-{e.zero_stage} on {self.world_size} rank(s) "
+                f"({torch.distributed.get_backend()}) | grad accum {e.grad_accum_steps} | optimizer "
+                f"{type(self.optimizer).__name__} | activation checkpointing {e.activation_checkpointing}")
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Collective. <step>/ds/ (DeepSpeed: module, optimizer partitions), rank_<r>.pt (this rank's RNG
+        and, under ZeRO-3, teacher shards), then state.pt (step, full teacher for ZeRO 0-2) written
+        last by rank 0 after every rank finished; only then is the folder renamed and `latest` moved."""
+        dist = torch.distributed
+        tmp = None
+        if self.is_main:
+            tmp = begin_checkpoint(self.out_dir, self.step, suffix="ds")
+        box = [str(tmp)]
+        dist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        mine = {"rng": rng_state()}
+        if isinstance(self.teacher, ShardedEMATeacher):
+            mine["teacher_shards"] = self.teacher.state_dict()
+        with open(tmp / f"rank_{self.rank:05d}.pt", "wb") as f:
+            torch.save(mine, f)
+            f.flush()
+            os.fsync(f.fileno())
+        dist.barrier()
+        final = tmp
+        if self.is_main:
+            state = {"step": self.step, "skipped_steps": self.skipped_steps, "engine": "deepspeed",
+                     "world_size": self.world_size,
+                     "zero_stage": self.cfg.engine.zero_stage}
+            if not isinstance(self.teacher, ShardedEMATeacher):
+                state["teacher"] = self.teacher.state_dict()
+            write_state(tmp, state, self.cfg.to_dict())
+            final = commit_checkpoint(self.out_dir, self.step, tmp, self.cfg.train.keep_last)
+        box = [str(final)]
+        dist.broadcast_object_list(box, src=0)
+        return Path(box[0])
+
+    def _restore(self, path) -> None:
+        state, saved_cfg, ck = load_checkpoint(path)
+        check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
+        if state.get("engine") != "deepspeed":
+            raise ValueError(f"{ck} is a single-process checkpoint; resume it with engine.name=single")
+        stage, saved_ws = state["zero_stage"], state["world_size"]
+        if saved_ws != self.world_size and stage != 0:
+            raise ValueError(f"{ck} was saved by {saved_ws} ranks under ZeRO-{stage}: it resumes on "
+                             f"{saved_ws} ranks only (this run has {self.world_size}); ZeRO-0 resumes on any")
+        self.engine.load_checkpoint(str(ck), tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+        mine_path = ck / f"rank_{self.rank:05d}.pt"
+        mine = torch.load(mine_path, map_location="cpu", weights_only=False) if mine_path.is_file() else {}
+        if "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+        else:
+            self.teacher.load_state_dict(mine["teacher_shards"])
+        if "rng" in mine:  # a new rank (ZeRO-0 on more ranks) keeps its fresh per-rank seed
+            set_rng_state(mine["rng"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.resumed_from = ck
+
+
+def consolidate(state: dict, ck: Path) -> tuple[dict, dict]:
+    """A DeepSpeed d2v checkpoint -> (student, teacher) consolidated fp32 state dicts, on CPU, in one
+    process (no process group): the student through DeepSpeed's zero_to_fp32 (ZeRO 1-3; ZeRO-0
+    saves the full module), the teacher from state.pt (ZeRO 0-2) or from the per-rank shards
+    (ZeRO-3: each parameter's flat, padded slices concatenated in rank order)."""
+    stage = state["zero_stage"]
+    if stage == 0:  # zero_to_fp32 does not read ZeRO-0 (DeepSpeed #6699): the module is whole
+        files = sorted((ck / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{ck / DS_TAG}: no mp_rank_*_model_states.pt")
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        student = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        student = dict(get_fp32_state_dict_from_zero_checkpoint(str(ck), tag=DS_TAG))
+    if "teacher" in state:
+        return student, state["teacher"]
+    ranks = [torch.load(ck / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["teacher_shards"]
+             for r in range(state["world_size"])]
+    teacher = {}
+    for name, shard in ranks[0].items():
+        if name.startswith("buffer:"):
+            teacher[name[len("buffer:"):]] = shard
+            continue
+        ref = student[name]  # the teacher's parameters are a subset of the student's, same shapes
+        teacher[name] = torch.cat([r[name].reshape(-1) for r in ranks])[: ref.numel()].view(ref.shape).clone()
+    return student, teacher
+
+
+def make_trainer(cfg: Config, **kw) -> Trainer:
+    """The trainer `d2v pretrain` runs: DeepSpeed when engine.name says so (auto: under a launcher)."""
+    return DeepSpeedTrainer(cfg, **kw) if use_deepspeed(cfg) else Trainer(cfg, **kw)
+
+
+__all__ = ["deepspeed_config", "use_deepspeed", "launched_distributed", "build_optimizer",
+           "init_distributed", "ShardedEMATeacher", "DeepSpeedTrainer", "make_trainer", "ema_decay", "OWNED"]
