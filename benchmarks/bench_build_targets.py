@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import Recorder, bench, common_args, copy_bandwidth, try_compile  # noqa: E402
+from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import ops  # noqa: E402
 from d2v.kernels import build_targets as kt  # noqa: E402
 
@@ -27,6 +27,7 @@ CASES = {
     "vit_b": dict(B=16, T=196, D=768, K=10, final_norm="layer"),
     "vit_l": dict(B=16, T=196, D=1024, K=10, final_norm="layer"),
     "audio_b": dict(B=4, T=749, D=768, K=8, final_norm="none"),
+    "smoke": dict(B=2, T=13, D=24, K=3, final_norm="layer"),  # --quick only
 }
 
 
@@ -45,14 +46,14 @@ def fairseq_chain(layers, final_norm):
 def main() -> None:
     args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
     dev = torch.device(args.device)
+    cases = select_cases(CASES, args)
     reps = args.repeats or (20 if dev.type == "cuda" else 5)
-    copy = copy_bandwidth(dev)
+    copy = probe_bandwidth(dev, args)
     r = ops.backend()["build_targets"]
     print(f"copy bandwidth {copy:.1f} GB/s on {dev}; d2v backend: {r}")
     rec = Recorder("build_targets", dev, copy)
-    for case, c in CASES.items():
-        if args.cases and case not in args.cases.split(","):
-            continue
+    for case in cases:
+        c = CASES[case]
         B, T, D, K, fn = c["B"], c["T"], c["D"], c["K"], c["final_norm"]
         for dt in (torch.bfloat16, torch.float32):
             tag = f"{case}/{str(dt).split('.')[-1]}"

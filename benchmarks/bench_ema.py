@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import Recorder, bench, common_args, copy_bandwidth, try_compile  # noqa: E402
+from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import _ext, ops  # noqa: E402
 from d2v.kernels import ema_update as ke  # noqa: E402
 
@@ -36,17 +36,18 @@ def audio_shapes() -> list[tuple[int, ...]]:
     return shapes + vit_shapes(12, 768)[4:]
 
 
-CASES = {"vit_b": vit_shapes(12, 768), "vit_l": vit_shapes(24, 1024), "audio_b": audio_shapes()}
+CASES = {"vit_b": vit_shapes(12, 768), "vit_l": vit_shapes(24, 1024), "audio_b": audio_shapes(),
+         "smoke": vit_shapes(1, 32, patch=4, tokens=17)}  # --quick only
 
 
 def main() -> None:
     args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
     dev = torch.device(args.device)
+    cases = select_cases(CASES, args)
     reps = args.repeats or (20 if dev.type == "cuda" else 5)
-    copy = copy_bandwidth(dev)
+    copy = probe_bandwidth(dev, args)
     print(f"copy bandwidth {copy:.1f} GB/s on {dev}; d2v backend: {ops.backend()['ema_update_']}")
     rec = Recorder("ema_update_", dev, copy)
-    cases = [c for c in CASES if not args.cases or c in args.cases.split(",")]
     mod, _ = _ext.load()
     for case in cases:
         shapes = CASES[case]

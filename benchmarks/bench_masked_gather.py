@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import Recorder, bench, common_args, copy_bandwidth, try_compile  # noqa: E402
+from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import ops  # noqa: E402
 from d2v.kernels import masked_gather as kg  # noqa: E402
 
@@ -26,6 +26,7 @@ CASES = {
     "vit_b": dict(B=16, M=16, T=197, K=40, D=768),  # mask 0.8 of 196 patches (+CLS)
     "vit_l": dict(B=16, M=16, T=197, K=50, D=1024),  # mask 0.75
     "audio_b": dict(B=4, M=8, T=749, K=375, D=768),  # 15 s at 50 Hz, span mask 0.5
+    "smoke": dict(B=2, M=3, T=17, K=5, D=24),  # --quick only
 }
 
 
@@ -44,15 +45,15 @@ def _eager_targets(y, ids, M):  # the reference: y.repeat_interleave(M) then ind
 def main() -> None:
     args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
     dev = torch.device(args.device)
+    cases = select_cases(CASES, args)
     reps = args.repeats or (20 if dev.type == "cuda" else 5)
-    copy = copy_bandwidth(dev)
+    copy = probe_bandwidth(dev, args)
     print(f"copy bandwidth {copy:.1f} GB/s on {dev}; d2v backend: "
           f"{ {k: v['impl'] for k, v in ops.backend().items()} }")
     rec = Recorder("masked_gather", dev, copy)
     dt = torch.bfloat16
-    for case, c in CASES.items():
-        if args.cases and case not in args.cases.split(","):
-            continue
+    for case in cases:
+        c = CASES[case]
         B, M, T, K, D = c["B"], c["M"], c["T"], c["K"], c["D"]
         R, N, es = B * M, T - K, 2
         g = torch.Generator(device=dev).manual_seed(0)

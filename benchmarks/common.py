@@ -7,6 +7,9 @@ write) / median time; reported as a % of the copy bandwidth measured in the same
 
 References: ../shared/spec/anchors.md §5.4 (report GB/s and % of measured copy bandwidth); Liger-Kernel
 benchmark/BENCHMARK_GUIDELINES.md (median with p20/p80, device and version in every row).
+
+Every output path is resolved through results_dir() when it is written, so D2V_BENCH_RESULTS=/some/dir
+redirects all of a run's files (the smoke tests, tests/test_bench_smoke.py, point it at a temp folder).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import csv
 import datetime as _dt
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -23,12 +27,51 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-CSV_PATH = RESULTS / "kernels.csv"
-MD_PATH = RESULTS / "kernels.md"
+RESULTS = ROOT / "benchmarks" / "results"  # the default results folder; writers use results_dir()
+CSV_NAME, MD_NAME = "kernels.csv", "kernels.md"
+CSV_PATH = RESULTS / CSV_NAME  # default locations only (kept importable): Recorder.write resolves
+MD_PATH = RESULTS / MD_NAME  # results_dir() / CSV_NAME at write time
 FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "bench", "case", "shape",
           "provider", "impl", "ms_median", "ms_p20", "ms_p80", "repeats", "bytes_model", "gbps",
           "pct_copy_bw", "copy_gbps", "speedup_vs_eager", "note"]
+
+
+def results_dir() -> Path:
+    """Where results are written: $D2V_BENCH_RESULTS when set (tests point it at a temp folder), else
+    benchmarks/results."""
+    env = os.environ.get("D2V_BENCH_RESULTS", "").strip()
+    out = Path(env) if env else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows (missing keys empty, extra keys dropped); the header goes into a new or empty file."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def md_table(cols: list[str], rows: list[dict]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
+        ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+
+
+def append_markdown(path: Path, lines: list[str], title: str | None = None) -> None:
+    """Append one run's markdown; `title` heads a new or empty file."""
+    with path.open("a") as f:
+        if title and path.stat().st_size == 0:
+            f.write(title + "\n")
+        f.write("\n".join(lines) + "\n")
+
+
+def device_slug(device: str) -> str:
+    """A device name as a file-name part: "AMD EPYC (2 cores)" -> "amd_epyc_2_cores"."""
+    s = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    return s[:40] or "device"
 
 
 def device_name(dev: torch.device) -> str:
@@ -138,13 +181,9 @@ class Recorder:
                 r["speedup_vs_eager"] = f"{eager[r['case']] / float(r['ms_median']):.2f}"
 
     def write(self, header_note: str = "") -> None:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        new = not CSV_PATH.exists()
-        with CSV_PATH.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(self.rows)
+        out = results_dir()
+        csv_path, md_path = out / CSV_NAME, out / MD_NAME
+        append_csv(csv_path, FIELDS, self.rows)
         b = self.base
         lines = [f"\n## {self.bench} — {b['date']} — {b['device']}\n",
                  f"git {b['git_sha']}, torch {b['torch']}, triton {b['triton']}, Python {b['python']}"
@@ -156,10 +195,8 @@ class Recorder:
             lines.append(f"| {r['case']} | {r['shape']} | {r['provider']} | {r['impl']} | {r['ms_median']} | "
                          f"{r['ms_p20']}-{r['ms_p80']} | {r['gbps']} | {r['pct_copy_bw']} | "
                          f"{r['speedup_vs_eager']} | {r['note']} |")
-        with MD_PATH.open("a") as f:
-            if MD_PATH.stat().st_size == 0:
-                f.write("# Kernel benchmarks (append-only; rows also in kernels.csv)\n")
-            f.write("\n".join(lines) + "\n")
+        append_markdown(md_path, lines, "# Kernel benchmarks (append-only; rows also in kernels.csv)")
+        print(f"wrote {csv_path} and {md_path}")
 
 
 def try_compile(fn: Callable, enabled: bool) -> tuple[Callable | None, str]:
@@ -178,4 +215,23 @@ def common_args(parser):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases")
     parser.add_argument("--no-write", action="store_true", help="print only, do not append results")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the tiny 'smoke' case only, 1 repeat (unless --repeats), no torch.compile, "
+                             "8 MiB bandwidth probe; seconds on a CPU, the numbers mean nothing")
     return parser
+
+
+def select_cases(cases: dict, args) -> list[str]:
+    """--quick: the 'smoke' case alone; else the requested --cases (default: all real ones)."""
+    if args.quick:
+        args.no_compile, args.repeats = True, args.repeats or 1
+        return ["smoke"]
+    wanted = [c for c in args.cases.split(",") if c] if args.cases else [c for c in cases if c != "smoke"]
+    unknown = [c for c in wanted if c not in cases]
+    if unknown:
+        raise SystemExit(f"unknown --cases {unknown}; choose from {sorted(cases)}")
+    return wanted
+
+
+def probe_bandwidth(dev: torch.device, args) -> float:
+    return copy_bandwidth(dev, mib=8, repeats=2) if args.quick else copy_bandwidth(dev)

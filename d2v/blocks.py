@@ -14,7 +14,11 @@ import torch.nn.functional as F
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention (fused qkv with bias)."""
+    """Multi-head self-attention (fused qkv with bias). `impl` "sdpa" runs torch's fused
+    scaled_dot_product_attention; "eager" materializes softmax(q k^T / sqrt(d) + bias) in fp32 and
+    multiplies by v, as the reference code does (the model sets it from `model.attention`)."""
+
+    impl: str = "sdpa"
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -30,9 +34,15 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D/H)
         if attn_bias is not None:  # (B or 1, H or 1, N, N) additive, fp32 -> the logits' dtype
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, H, N, D/H)
+        p = self.attn_drop if self.training else 0.0
+        if self.impl == "eager":
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if attn_bias is not None:
+                logits = logits + attn_bias
+            attn = F.dropout(logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype), p, self.training)
+            out = attn @ v  # (B, H, N, D/H)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)  # (B, H, N, D/H)
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from d2v import ops
-from d2v.blocks import Block
+from d2v.blocks import Attention, Block
 from d2v.config import ModelConfig, ObjectiveConfig
 from d2v.masking import MaskInfo
 from d2v.modalities import build_modality_encoder
@@ -68,9 +68,18 @@ class Data2Vec2(nn.Module):
             for _ in range(cfg.depth)
         ])
         self.decoder_dropout = nn.Dropout(cfg.decoder.input_dropout)
+        D = cfg.embed_dim
+        # data2vec 1.0 modes: learned mask embedding for the full-length student, linear regression head
+        self.mask_emb = None if cfg.skip_masked else nn.Parameter(torch.empty(D).normal_(std=0.02))
+        self.final_proj = nn.Linear(D, D) if cfg.head == "linear" else None
+        if cfg.head == "linear":
+            self.modality_encoder.decoder = None
         with torch.no_grad():
             self.apply(_bert_init)
         self.modality_encoder.reset_decoder_projection()
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.impl = cfg.attention
         if cfg.modality == "audio":  # the reference re-initializes the feature projection with defaults
             self.modality_encoder.project_features[1].reset_parameters()
         self._teacher: list[nn.Module] = []  # held outside the module tree: not trained, not in state_dict
@@ -90,6 +99,7 @@ class Data2Vec2(nn.Module):
         teacher averages (spec §5): never the decoder; with `ema_encoder_only` (text) only the main
         blocks; without `ema_local_encoder` (audio) no feature extractor (the student's is used)."""
         me = self.modality_encoder
+        self.mask_emb = self.final_proj = None  # student-only (data2vec 1.0 modes)
         if self.cfg.ema_encoder_only:
             self.modality_encoder = None
         else:
@@ -176,21 +186,27 @@ class Data2Vec2(nn.Module):
         B, R = source.shape[0], mask.ids_keep.shape[0]
         if R % B:
             raise ValueError(f"mask has {R} rows, not a multiple of the batch size {B}")
-        M, obj = R // B, self.objective
-        local, _ = self.modality_encoder.local_features(source)  # (B, T, D), once per sample
-        x, _, _ = self.encode(local=local, mask=mask, clones=M)  # (R, E + K, D)
-        E = self.num_extra_tokens
-        dec_in = self.decoder_dropout(x[:, E:])  # (R, K, D)
-        noise = torch.randn(R, mask.mask.shape[1], x.shape[-1], device=x.device, dtype=x.dtype)
-        full = ops.masked_scatter(dec_in, mask.ids_keep, noise * obj.decoder_noise_std)  # (R, T, D)
-        pred = self.modality_encoder.decoder(full)  # (R, T, D)
+        M, obj, me = R // B, self.objective, self.modality_encoder
+        E, ids_masked = self.num_extra_tokens, mask.ids_masked  # ids_masked (R, N)
+        local, _ = me.local_features(source)  # (B, T, D), once per sample
+        if self.cfg.skip_masked:
+            x, _, _ = self.encode(local=local, mask=mask, clones=M)  # (R, E + K, D)
+        else:  # full length, learned mask embedding at masked tokens (data2vec 1.0)
+            x, _, _ = self.encode(local=me.masked_input(local, mask, M, self.mask_emb))  # (R, E + T, D)
+        if self.final_proj is not None:  # data2vec 1.0: a Linear on the student's masked outputs
+            p_m = self.final_proj(ops.masked_gather(x[:, E:], ids_masked)).float()  # (R, N, D)
+        else:
+            dec_in = self.decoder_dropout(x[:, E:])  # (R, K, D), or (R, T, D) at full length
+            if self.cfg.skip_masked:
+                noise = torch.randn(R, mask.mask.shape[1], x.shape[-1], device=x.device, dtype=x.dtype)
+                dec_in = ops.masked_scatter(dec_in, mask.ids_keep, noise * obj.decoder_noise_std)  # (R, T, D)
+            pred = me.decoder(dec_in)  # (R, T, D)
+            p_m = ops.masked_gather(pred, ids_masked).float()  # (R, N, D)
 
         y = self.make_targets(source, local.detach())  # (B, T, D) fp32
         D = y.shape[-1]
         sample = torch.arange(R, device=y.device) // M  # (R,) sample of each clone row
-        ids_masked = mask.ids_masked  # (R, N)
         y_m = ops.masked_targets(y, ids_masked, M)  # (R, N, D), per-clone index into the shared targets
-        p_m = ops.masked_gather(pred, ids_masked).float()  # (R, N, D)
         scale = obj.loss_scale if obj.loss_scale is not None else 1.0 / math.sqrt(D)
         if obj.loss_beta == 0:
             elem = (p_m - y_m).pow(2)

@@ -10,6 +10,8 @@ every op, and/or `op=impl` items (`D2V_OPS_IMPL=triton,ema_update_=cpp`). A glob
 the ops that have such a kernel (the EMA) and leaves the others on torch, saying so; forcing a path that
 is unavailable here (triton not importable, `d2v._C` not built, an op without that kernel) raises. Forced
 `triton` on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter; tests and CI use it).
+`ref` computes as the reference code does (a per-parameter EMA loop; per-clone targets by repeating the
+(B, T, D) targets M times, then indexing): the baseline of benchmarks/bench_train_step.py.
 `backend()` and the trainer's start-up banner report what was chosen and why: no fallback is silent.
 
 Every op is a `torch.library` custom op in the `d2v` namespace with a fake (meta) implementation, so
@@ -178,6 +180,8 @@ def _gather_op(x: torch.Tensor, ids: torch.Tensor, clones: int) -> torch.Tensor:
         return _kg.gather_triton(x, ids, clones)
     if clones == 1:
         return _kg.masked_gather_ref(x, ids)
+    if _route(op, x) == "ref":  # as the reference code: repeat the targets M times, then index
+        return _kg.masked_gather_ref(x.repeat_interleave(clones, dim=0), ids)
     return _kg.masked_targets_ref(x, ids, clones)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from d2v.data.sampler import ResumableBatchSampler, build_loader
+from d2v.data.files import walk_files
 from d2v.data.seed import derive_seed
 from d2v.masking import span_mask
 
@@ -124,19 +124,8 @@ def _is_audio(name: str) -> bool:
 
 
 def _walk_audio(top: Path) -> list[Path]:
-    """All audio files under `top`, recursively (symlinked dirs followed once), sorted by path.
-    Hidden files and directories (leading '.') are skipped."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_audio(f))
-    return sorted(found)
+    """All audio files under `top` (hidden files skipped), sorted by path."""
+    return walk_files(top, lambda p: _is_audio(p.name))
 
 
 def scan_audio_folder(root: str | Path) -> list[AudioEntry]:

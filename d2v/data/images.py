@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from d2v.data.files import walk_files
 from d2v.data.seed import derive_seed
 from d2v.masking import inverse_block_mask
 
@@ -59,19 +59,8 @@ def _is_image(name: str) -> bool:
 
 
 def _walk_images(top: Path) -> list[Path]:
-    """All image files under `top`, recursively, following symlinks once, sorted by path.
-    Hidden files and directories (leading '.') are skipped."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # symlink loop or the same dir linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
-    return sorted(found)
+    """All image files under `top` (hidden files skipped), sorted by path."""
+    return walk_files(top, lambda p: _is_image(p.name))
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:

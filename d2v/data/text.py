@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from d2v.data.files import walk_files
 from d2v.data.seed import derive_seed
 from d2v.masking import random_mask
 
@@ -120,20 +121,8 @@ def _is_text_name(name: str) -> bool:
 
 
 def _walk_text(top: Path) -> list[Path]:
-    """All text files under `top`, recursively, following symlinks once, sorted by path.
-    Hidden files and directories (leading '.') are skipped."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # symlink loop or the same dir linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames
-                     if _is_text_name(f) and (Path(dirpath) / f).is_file())
-    return sorted(found)
+    """All text files under `top` (hidden files skipped), sorted by path."""
+    return walk_files(top, lambda p: _is_text_name(p.name) and p.is_file())
 
 
 def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:

@@ -33,6 +33,14 @@ class ModalityEncoder(nn.Module):
                       pad_BT: torch.Tensor | None = None):
         raise NotImplementedError
 
+    def masked_input(self, x_BTD: torch.Tensor, mask: MaskInfo, clones: int,
+                     mask_emb_D: torch.Tensor) -> torch.Tensor:
+        """The full-length student input of `model.skip_masked: false` (data2vec 1.0 style): the
+        features repeated for the clones, with the learned mask embedding at masked tokens -> (R, T, D).
+        Substituted before `contextualize`, which adds the positions to every token."""
+        x = clone_rows(x_BTD, clones)  # (R, T, D)
+        return torch.where(mask.mask.unsqueeze(-1), mask_emb_D.to(x.dtype), x)
+
     def reset_decoder_projection(self) -> None:
         if self.decoder is not None:
             self.decoder.reset_projection()

@@ -18,7 +18,8 @@ import torch.nn as nn
 from d2v.blocks import Block, BlockEncoder
 from d2v.config import ModelConfig
 from d2v.masking import MaskInfo
-from d2v.modalities.base import ModalityEncoder, check_no_padding_with_mask, key_padding_bias, keep_tokens
+from d2v.modalities.base import (ModalityEncoder, check_no_padding_with_mask, clone_rows, key_padding_bias,
+                                 keep_tokens)
 from d2v.modalities.decoders import Decoder1d
 
 PAD_ID = 1  # fairseq dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3
@@ -63,6 +64,16 @@ class TextEncoder(ModalityEncoder):
 
     def local_features(self, ids_BT: torch.Tensor, padding_mask: torch.Tensor | None = None):
         return self.local_encoder(ids_BT, padding_mask), padding_mask  # (B, T, D), (B, T)
+
+    def masked_input(self, x_BTD: torch.Tensor, mask: MaskInfo, clones: int,
+                     mask_emb_D: torch.Tensor) -> torch.Tensor:
+        """Text features already hold their positions: a masked token becomes
+        dropout(LN(mask_emb + position)), like a <mask> token id -> (R, T, D)."""
+        x = clone_rows(x_BTD, clones)  # (R, T, D)
+        le, T = self.local_encoder, x.shape[1]
+        pos = le.embed_positions(torch.arange(PAD_ID + 1, PAD_ID + 1 + T, device=x.device))  # (T, D)
+        m = le.dropout(le.layernorm_embedding(mask_emb_D + pos)).to(x.dtype)  # (T, D)
+        return torch.where(mask.mask.unsqueeze(-1), m[None], x)
 
     def contextualize(self, x_BTD: torch.Tensor, mask: MaskInfo | None, clones: int = 1,
                       pad_BT: torch.Tensor | None = None):
