@@ -1,7 +1,8 @@
 """d2v: fast data2vec 2.0 self-supervised pretraining.
 
 Public API: `d2v.ops` (fused ops), `d2v.masking` (mask generators), `Config`/`load_config`,
-`build_model`, `Trainer`. CLI: `d2v pretrain | probe | export` (also `python -m d2v`).
+`build_model`, `d2v.engine.make_trainer` (the single-process `d2v.trainer.Trainer` or the DeepSpeed
+`d2v.engine.DeepSpeedTrainer`). CLI: `d2v pretrain | probe | export` (also `python -m d2v`).
 """
 __version__ = "0.1.0"
 

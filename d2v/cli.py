@@ -21,8 +21,8 @@ SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
 
 def _pretrain(args) -> int:
     from d2v.config import load_config
-    from d2v.probe import format_probe, run_probe
     from d2v.engine import make_trainer
+    from d2v.probe import UnlabelledData, format_probe, run_probe
 
     cfg = load_config(args.config, args.overrides)
     trainer = make_trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
@@ -39,12 +39,17 @@ def _pretrain(args) -> int:
           f"target_var {f.get('target_var', float('nan')):.3f} pred_var {f.get('pred_var', float('nan')):.3f}")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics: {summary['metrics_csv']}\n"
           f"  loss curve: {summary['loss_curve']}")
+    if summary.get("skipped_steps"):
+        print(f"  skipped {summary['skipped_steps']} step(s) with a non-finite loss")
     bad = summary["unreadable_files"]
     if bad:
         print(f"  skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     if cfg.train.probe_after and not args.no_probe:
         print("\nprobing (frozen features, logistic regression) ...", flush=True)
-        print(format_probe(run_probe(summary["checkpoint"])))
+        try:
+            print(format_probe(run_probe(summary["checkpoint"])))
+        except UnlabelledData as e:  # pretraining on unlabelled data is fine: say why there is no probe
+            print(f"probe skipped: {e}; pass --no-probe to skip it silently")
     return 0
 
 
@@ -77,22 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain with data2vec 2.0 (then run the linear probe)")
     pt.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_image.yaml")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    pt.add_argument("--resume", nargs="?", const=True, default=None,
+    pt.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                     help="continue the run in train.out_dir from its latest checkpoint (or start it if "
-                         "it has none), or resume from the given checkpoint folder")
+                         "it has none), or resume from the checkpoint folder DIR; DIR is optional, so put "
+                         "--resume after the key=value overrides")
     pt.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.set_defaults(fn=_pretrain)
     pr = sub.add_parser("probe", help="linear probe of a checkpoint vs a random init")
     pr.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    pr.add_argument("--pool", choices=("mean", "cls"), default=None)
+    pr.add_argument("--pool", choices=("mean", "cls"), default=None,
+                    help="pool the encoder's outputs by their mean or take the CLS token (default: the "
+                         "run's probe.pool)")
     pr.add_argument("--shots", type=int, default=None, help="examples per class for the few-shot probe")
     pr.add_argument("--json", action="store_true", help="print the result as JSON")
     pr.set_defaults(fn=_probe)
     ex = sub.add_parser("export", help="write consolidated fp32 student + teacher weights and config to one "
                                        ".pt file (DeepSpeed checkpoints via zero_to_fp32; loads without it)")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    ex.add_argument("--out", required=True, help="the .pt file to write")
     ex.set_defaults(fn=_export)
     return p
 
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"d2v {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged: the last complete checkpoint is kept
+        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\ninterrupted: resume with --resume (the last complete checkpoint is kept)", file=sys.stderr)
         return 130

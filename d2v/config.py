@@ -93,7 +93,7 @@ class ModelConfig:
     post_mlp_dropout: float = 0.0  # on the FFN branch before the residual add
     prenet_dropout: float = 0.0  # after the input LayerNorm, before the prenet blocks
     layerdrop: float = 0.0  # whole-batch skip probability per main block (training only)
-    num_extra_tokens: int = 1  # learned CLS tokens prepended after masking (image)
+    num_extra_tokens: int = 1  # learned CLS tokens prepended after masking (image only; others: 0)
     # teacher sharing (spec §5): which student parts the EMA teacher copies
     ema_encoder_only: bool = False  # teacher = EMA main blocks only, fed the student's features (text)
     ema_local_encoder: bool = True  # teacher has its own EMA feature extractor (image) or reuses the student's (audio)
@@ -298,7 +298,7 @@ class EngineConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on the CPU
     # "torch_adamw" (fused on GPU) | "deepspeed_adam" (fused/CPU) | "apex_fused_adam" (NVIDIA apex)
     optimizer: str = "torch_adamw"
-    ds_config: Optional[str] = None  # DeepSpeed JSON whose documented keys override the derived config
+    ds_config: Optional[str] = None  # DeepSpeed JSON: adds keys d2v does not derive (derived ones must agree)
     max_nonfinite_steps: int = 10  # stop after this many non-finite-loss steps in a row (each is skipped)
 
     def validate(self, p: str = "engine") -> None:
@@ -338,8 +338,12 @@ class Config:
         if self.train.precision == "fp16" and self.engine.name == "single":
             raise ConfigError("train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
                               "auto; the single-process engine supports fp32 and bf16")
-        if m.modality != "image" and self.probe.pool == "cls" and m.num_extra_tokens == 0:
-            raise ConfigError("probe.pool: 'cls' needs model.num_extra_tokens >= 1")
+        if m.modality != "image" and m.num_extra_tokens != 0:
+            raise ConfigError(f"model.num_extra_tokens ({m.num_extra_tokens}): {m.modality} models have no "
+                              f"extra (CLS) tokens, as in the reference; only image models do")
+        if self.probe.pool == "cls" and m.num_extra_tokens == 0:
+            raise ConfigError(f"probe.pool: 'cls' needs a CLS token (model.num_extra_tokens >= 1, image "
+                              f"only); use probe.pool=mean")
         return self
 
     def to_dict(self) -> dict:

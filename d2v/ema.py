@@ -23,7 +23,8 @@ def ema_decay(step: int, start: float, end: float, anneal_end_step: int) -> floa
 
 
 class EMATeacher:
-    """Owns the teacher module; `update(student, step)` runs after optimizer step `step` (1-based)."""
+    """Owns the teacher module; `update(step)` runs after optimizer step `step` (1-based) and moves the
+    teacher towards the student it was built from."""
 
     def __init__(self, student: nn.Module, start: float, end: float, anneal_end_step: int):
         attached, student._teacher = student._teacher, []  # never copy a previous teacher

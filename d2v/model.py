@@ -69,19 +69,22 @@ class Data2Vec2(nn.Module):
         ])
         self.decoder_dropout = nn.Dropout(cfg.decoder.input_dropout)
         D = cfg.embed_dim
-        # data2vec 1.0 modes: learned mask embedding for the full-length student, linear regression head
+        with torch.no_grad():
+            self.apply(_bert_init)
+        self.modality_encoder.reset_decoder_projection()
+        if cfg.modality == "audio":  # the reference re-initializes the feature projection with defaults
+            self.modality_encoder.project_features[1].reset_parameters()
+        # data2vec 1.0 modes: learned mask embedding for the full-length student, linear regression head.
+        # Drawn last, so every mode starts from the same encoder weights for the same seed.
         self.mask_emb = None if cfg.skip_masked else nn.Parameter(torch.empty(D).normal_(std=0.02))
         self.final_proj = nn.Linear(D, D) if cfg.head == "linear" else None
         if cfg.head == "linear":
             self.modality_encoder.decoder = None
-        with torch.no_grad():
-            self.apply(_bert_init)
-        self.modality_encoder.reset_decoder_projection()
+            with torch.no_grad():
+                _bert_init(self.final_proj)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.impl = cfg.attention
-        if cfg.modality == "audio":  # the reference re-initializes the feature projection with defaults
-            self.modality_encoder.project_features[1].reset_parameters()
         self._teacher: list[nn.Module] = []  # held outside the module tree: not trained, not in state_dict
 
     # ----------------------------------------------------------------------------------- teacher

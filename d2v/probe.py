@@ -1,7 +1,8 @@
 """Linear probe: logistic regression on frozen, unmasked encoder features, for the pretrained student,
 its EMA teacher and a randomly initialized encoder of the same shape (the same seed as the run's
 step-0 init), each on the full labelled train split and on a few-shot subset, for every probe task of
-the modality (images: the class; speech: the spoken word and the speaker; text: the topic).
+the modality (images: the class; speech: the spoken word and the speaker; text: word order, then the
+topic).
 
 The teacher is probed as the encoder it is during training: the student's modules with the teacher's
 EMA parameters laid over them (audio/text teachers share the student's feature extractor).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,17 +116,22 @@ def _split(ds_all, seed: int):
     return sub(ds_all, tr.tolist()), sub(ds_all, te.tolist())
 
 
+class UnlabelledData(ValueError):
+    """The probe's data has no labels (`d2v pretrain` then skips the probe with a note)."""
+
+
 def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int, device,
                    run_dir: Path | None = None) -> dict:
     """Probe each named encoder on every task -> {task: {name: {"full": acc, f"{shots}shot": acc},
     "n_train": .., "n_test": .., "classes": ..}}."""
-    results = {}
+    results, unlabelled = {}, []
     for task in build_probe_tasks(cfg, run_dir):
         ds_train, ds_test = task.train, task.test
         labels = np.asarray(ds_train.labels)
-        if (labels < 0).any():
-            raise ValueError(f"the probe needs labelled data: {ds_train.root} has unlabelled examples "
-                             f"(put each class in its own subfolder, or give a label column)")
+        if (labels < 0).any():  # a task without labels is skipped; the probe fails only if all are
+            unlabelled.append(f"the {task.name} probe needs labelled data: {ds_train.root} has unlabelled "
+                              f"examples (put each class in its own subfolder, or give a label column)")
+            continue
         if ds_test is None:
             ds_train, ds_test = _split(ds_train, seed)
         res = {}
@@ -139,6 +146,10 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
                    gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
                    **{f"gain_{key}": res["pretrained"][key] - res["random_init"][key]})
         results[task.name] = res
+    if not results:
+        raise UnlabelledData("; ".join(unlabelled))
+    for msg in unlabelled:
+        warnings.warn(f"skipped: {msg}")
     return results
 
 

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # --resume: a second run continues (or, when finished, just re-probes) runs/tiny_image instead of
 # refusing to overwrite it
-exec .venv/bin/d2v pretrain --config configs/tiny_image.yaml --resume "$@"
+# (--resume goes last: it takes an optional folder, so an override after it would be read as one)
+exec .venv/bin/d2v pretrain --config configs/tiny_image.yaml "$@" --resume

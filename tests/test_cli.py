@@ -98,3 +98,33 @@ def test_folder_of_only_bad_files_fails_clearly(tmp_path):
 def test_probe_without_checkpoint_fails_clearly(tmp_path):
     r = d2v("probe", "--checkpoint", str(tmp_path))
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+@pytest.mark.slow
+def test_unlabelled_folder_pretrains_and_skips_probe_with_a_note(tmp_path):
+    data = tmp_path / "flat"
+    data.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(8):
+        Image.fromarray(rng.randint(0, 255, size=(36, 36, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    r = d2v("pretrain", "--config", TINY, "--no-progress",
+            *micro_overrides(out, steps=2, **{"data.path": str(data), "train.batch_size": 4,
+                                              "train.probe_after": True}))
+    assert r.returncode == 0, r.stderr
+    assert "probe skipped: the class probe needs labelled data" in r.stdout
+    assert (out / "checkpoints" / "latest").exists() or list((out / "checkpoints").glob("step_*"))
+    assert not (out / "probe.json").exists()
+    p = d2v("probe", "--checkpoint", str(out))  # asked for explicitly, the probe is an error
+    assert p.returncode == 2 and "needs labelled data" in p.stderr
+
+
+def test_main_script_passes_overrides_before_resume():
+    """scripts/main.sh forwards its arguments as overrides; --resume (optional folder) goes last."""
+    from d2v.cli import build_parser
+
+    line = next(x for x in (ROOT / "scripts" / "main.sh").read_text().splitlines() if x.startswith("exec "))
+    argv = line.split("d2v ", 1)[1].replace('"$@"', "train.max_steps=300 data.path=/my/images").split()
+    args = build_parser().parse_args(argv)
+    assert args.command == "pretrain" and args.resume is True
+    assert args.overrides == ["train.max_steps=300", "data.path=/my/images"]

@@ -62,10 +62,21 @@ def test_unknown_key_names_it_with_suggestion(tmp_path):
     ("objective.average_top_k_layers=40", "exceeds model.depth"),
     ("model.patch_size=5", "multiple of model.patch_size"),
     ("train.max_steps", "expected key=value"),
+    ("probe.pool=cls model.num_extra_tokens=0", "'cls' needs a CLS token"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(CONFIGS / "tiny_image.yaml", [override])
+        load_config(CONFIGS / "tiny_image.yaml", override.split(" "))
+
+
+@pytest.mark.parametrize("recipe", ["tiny_audio", "tiny_text"])
+def test_extra_tokens_are_image_only(recipe):
+    """Audio/text models have no CLS token (as in the reference): the key is refused, not ignored."""
+    assert load_config(CONFIGS / f"{recipe}.yaml", []).model.num_extra_tokens == 0
+    with pytest.raises(ConfigError, match="model.num_extra_tokens .1.: .* no extra .CLS. tokens"):
+        load_config(CONFIGS / f"{recipe}.yaml", ["model.num_extra_tokens=1"])
+    with pytest.raises(ConfigError, match="probe.pool: 'cls' needs a CLS token"):
+        load_config(CONFIGS / f"{recipe}.yaml", ["probe.pool=cls"])
 
 
 def test_overrides_parse_yaml_and_flavor_then_fields():

@@ -149,6 +149,18 @@ def test_data2vec1_head_trains_mask_embedding_and_projection_only_in_the_student
     assert not any(n.startswith(("mask_emb", "final_proj")) or ".decoder." in n for n in names)
 
 
+@pytest.mark.parametrize("modality", ["image", "audio", "text"])
+def test_every_mode_starts_from_the_same_encoder_for_the_same_seed(modality):
+    """Time-to-quality compares the modes from one init: the 1.0-mode parameters are drawn last."""
+    _, m2 = _model(modality)
+    _, m1 = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
+    s1 = m1.state_dict()
+    shared = [k for k in m2.state_dict() if ".decoder." not in k and not k.startswith("modality_encoder.decoder")]
+    assert len(shared) > 10 and all(k in s1 for k in shared)
+    for k in shared:
+        assert torch.equal(m2.state_dict()[k], s1[k]), k
+
+
 def test_linear_head_needs_the_full_length_student():
     with pytest.raises(ConfigError, match="model.skip_masked"):
         load_config(CONFIGS["image"], ["model.head=linear"])
