@@ -3,12 +3,16 @@
 Layout: <out_dir>/checkpoints/step_00001000/{state.pt, config.yaml} and a `latest` file naming the
 newest complete one. A checkpoint is written into a temporary folder, fsynced, renamed into place,
 and only then does `latest` move (itself via write-temp + rename); old ones beyond keep_last go last.
-A crash at any point leaves `latest` pointing to a complete checkpoint.
+Re-saving a step that exists (after `--resume .../step_X` rolled a run back) renames the old folder
+aside and deletes it only after `latest` moved. A crash at any point leaves `latest` naming a complete
+checkpoint, except between those two renames, when it names the folder being replaced: resolving
+then falls back, with a warning, to the newest complete step_* folder.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,14 +74,19 @@ def commit_checkpoint(out_dir: str | Path, step: int, tmp: Path, keep_last: int)
     final = root / name
     for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         _fsync_dir(sub)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    if final.exists():  # re-saving the same step (after a resume): set the old one aside, delete it
+        old = root / f".{name}.old-{os.getpid()}"  # once `latest` moved (it may name this step)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
     latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     _write_file(latest_tmp, (name + "\n").encode())
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
+    for old in root.glob(".step_*.old-*"):  # this one, and any a killed run left
+        shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep_last)
     return final
 
@@ -88,24 +97,37 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict, config: dict, k
     return commit_checkpoint(out_dir, step, tmp, keep_last)
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete step_* folders (with state.pt) under a checkpoints/ folder, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists())
+    done = complete_checkpoints(root)
     for p in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a checkpoints/ folder or a run folder; return the checkpoint folder."""
+    """Accept a checkpoint folder, a checkpoints/ folder or a run folder; return the checkpoint folder:
+    the one `latest` names, or, when `latest` is missing or names no complete checkpoint (a run killed
+    while replacing it), the newest complete step_* folder, with a warning."""
     p = Path(path)
     if (p / STATE_FILE).is_file():
         return p
     for root in (p, checkpoint_root(p)):
         latest = root / LATEST
-        if latest.is_file():
-            ck = root / latest.read_text().strip()
-            if (ck / STATE_FILE).is_file():
-                return ck
-            raise FileNotFoundError(f"{latest} names {ck.name}, which has no {STATE_FILE}")
+        named = root / latest.read_text().strip() if latest.is_file() else None
+        if named is not None and (named / STATE_FILE).is_file():
+            return named
+        done = complete_checkpoints(root)
+        if done:
+            why = f"{latest} names {named.name}, which has no {STATE_FILE}" if named else f"no {latest}"
+            warnings.warn(f"{why}: using the newest complete checkpoint, {done[-1]}", stacklevel=2)
+            return done[-1]
+        if named is not None:
+            raise FileNotFoundError(f"{latest} names {named.name}, which has no {STATE_FILE}, and no other "
+                                    f"step_* folder in {root} is complete")
     raise FileNotFoundError(
         f"no checkpoint at {p}: expected a folder with {STATE_FILE}, or a run folder with "
         f"checkpoints/{LATEST}"

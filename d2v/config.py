@@ -463,7 +463,8 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
                      "data.num_workers", "probe.pool", "probe.shots", "probe.seed",
-                     "engine.ds_config", "engine.max_nonfinite_steps", "engine.activation_checkpointing"}
+                     "engine.ds_config", "engine.max_nonfinite_steps", "engine.activation_checkpointing",
+                     "engine.name"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -29,9 +29,10 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from d2v import ops
-from d2v.checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, write_state
+from d2v.checkpoint import CONFIG_FILE, begin_checkpoint, commit_checkpoint, load_checkpoint, write_state
 from d2v.config import Config, ConfigError, _deep_merge, _flat, check_resume_config
 from d2v.ema import EMATeacher, ema_decay
 from d2v.trainer import Trainer, lr_at, param_groups, rng_state, set_rng_state
@@ -103,6 +104,10 @@ def deepspeed_config(cfg: Config, world_size: int, user: dict | None = None) -> 
             if owner is not None and derived.get(key, object()) != value:
                 raise ConfigError(f"engine.ds_config sets {key}={value!r}, which d2v derives from {owner} "
                                   f"(= {derived.get(key)!r}); set {owner} instead")
+            if key.startswith("activation_checkpointing.") and not e.activation_checkpointing:
+                raise ConfigError(f"engine.ds_config sets {key}={value!r}, but d2v checkpoints activations "
+                                  f"only with engine.activation_checkpointing=true (it is false): set it, or "
+                                  f"drop the key")
         ds = _deep_merge(ds, user)
     return ds
 
@@ -263,17 +268,20 @@ class ShardedEMATeacher(EMATeacher):
             return {n: t.detach().clone() for n, t in self.module.state_dict().items()}
 
 
-def _checkpoint_blocks(model: torch.nn.Module) -> None:
-    """Recompute each main block's forward in the backward pass (DeepSpeed activation checkpointing);
+def _checkpoint_blocks(model: torch.nn.Module, ds_config: dict) -> None:
+    """Recompute each main block's forward in the backward pass (DeepSpeed activation checkpointing,
+    configured from ds_config["activation_checkpointing"], so the user JSON's keys there apply);
     parameter names are unchanged, so the teacher pairing and checkpoints are unaffected."""
     from deepspeed import checkpointing
 
+    checkpointing.configure(None, deepspeed_config=ds_config)
     for blk in model.blocks:
         blk.forward = functools.partial(checkpointing.checkpoint, blk.forward)
 
 
 class DeepSpeedTrainer(Trainer):
     """d2v's trainer loop (d2v/trainer.py) on a `deepspeed.initialize` engine, one process per rank."""
+    deepspeed = True
 
     def _init_world(self) -> None:
         self.rank, self.world_size = init_distributed()
@@ -295,10 +303,11 @@ class DeepSpeedTrainer(Trainer):
         self.teacher = teacher_cls(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
                                    **kw)
         if e.activation_checkpointing:
-            _checkpoint_blocks(self.model)
-        optimizer = build_optimizer(cfg, param_groups(self.model, o.weight_decay, o.decay_1d))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+            _checkpoint_blocks(self.model, self.ds_config)
+        # the optimizer d2v builds; DeepSpeed wraps it (self.optimizer) and calls its step() to update
+        self.client_optimizer = build_optimizer(cfg, param_groups(self.model, o.weight_decay, o.decay_1d))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.client_optimizer, config=self.ds_config)
         if e.zero_stage == 3:
             register_method_params(self.model)
             self.teacher.partition()
@@ -308,44 +317,69 @@ class DeepSpeedTrainer(Trainer):
     nonfinite_in_a_row = 0
 
     def _train_step(self, it):
-        """Non-finite loss on any rank (all ranks agree through one tiny all-reduce per micro-batch):
-        without accumulation the whole step is skipped (no backward, no optimizer step, no EMA), its
-        batch consumed; with accumulation the bad micro-batch is dropped from the step. Either counts
-        toward engine.max_nonfinite_steps in a row."""
+        """One optimizer step over engine.grad_accum_steps micro-batches. A non-finite loss on any rank
+        (all ranks agree through one tiny all-reduce per micro-batch) drops the whole step: the window
+        still runs to its end through DeepSpeed (each micro-batch: forward, backward, engine.step(), a
+        bad window backpropagating 0 x loss from then on), so DeepSpeed's accumulation bookkeeping stays
+        aligned and it clears the gradients as usual, but the update itself is not applied
+        (`_no_update`). The step's batches are consumed; it counts as skipped and toward
+        engine.max_nonfinite_steps in a row."""
         lr = lr_at(self.step, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        n, good, bad = 0, None, False
-        for _ in range(self.micro_steps):  # the engine steps the optimizer on the last micro-batch
+        n, out, bad = 0, None, None  # bad: this rank's loss on the first micro-batch that was non-finite
+        for i in range(self.micro_steps):
             source, mask = self._next_batch(it)
             with self.autocast, self._teacher_params():
                 out = self.engine(source, mask)
-            finite = self._finite_on_all_ranks(out["loss"])
-            if finite:
-                self.engine.backward(out["loss"])
-                good = out
-            bad |= not finite
-            if finite or self.micro_steps > 1:  # keep the engine's accumulation window aligned
+            loss = out["loss"]
+            if not self._finite_on_all_ranks(loss) and bad is None:
+                bad = float(loss.detach())
+            if bad is not None:  # a backward still runs (DeepSpeed reduces at the boundary's); its
+                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # grads are dropped
+            self.engine.backward(loss)
+            if bad is not None and i == self.micro_steps - 1:  # the boundary: DeepSpeed's optimizer step
+                with self._no_update():
+                    self.engine.step()
+            else:
                 self.engine.step()
             n += source.shape[0]
-        if bad:
-            self._count_nonfinite(float(out["loss"].detach()))
-            if good is None or self.micro_steps == 1:
-                self.skipped_steps += 1
-                return None, None, lr, n
-        else:
-            self.nonfinite_in_a_row = 0
+        if bad is not None:
+            self.skipped_steps += 1
+            self._count_nonfinite(bad)
+            return None, None, lr, n
+        self.nonfinite_in_a_row = 0
         if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it, lowered the scale
             self.skipped_steps += 1
             return None, None, lr, n
-        return good, self.engine.get_global_grad_norm(), lr, n
+        return out, self.engine.get_global_grad_norm(), lr, n
+
+    @contextlib.contextmanager
+    def _no_update(self):
+        """engine.step() at the boundary reduces, clips and clears the gradients as usual, but the
+        optimizer d2v built does not step: no parameter update, no weight decay, its state (moments,
+        step count) unchanged, so the (unchanged) fp32 masters are copied back to the module. The
+        ZeRO-3 partial offload's GPU-side optimizer is silenced too."""
+        opts = [self.client_optimizer, getattr(self.optimizer, "backup_optimizer", None)]
+        opts = [o for o in opts if o is not None]
+        for o in opts:
+            if "step" in vars(o):
+                raise RuntimeError(f"{type(o).__name__} has an instance attribute 'step': cannot skip its "
+                                   f"update")
+            o.step = lambda *args, **kwargs: None  # shadows the class's step()
+        try:
+            yield
+        finally:
+            for o in opts:
+                del o.step
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        flag = torch.isfinite(loss.detach()).float().reshape(1)  # (1,) on the loss's device (NCCL: CUDA)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
     def _count_nonfinite(self, value: float) -> None:
+        """After a step was skipped (self.skipped_steps counts it): warn, or stop past the limit."""
         self.nonfinite_in_a_row += 1
         limit = self.cfg.engine.max_nonfinite_steps
         if self.is_main:
@@ -355,7 +389,7 @@ class DeepSpeedTrainer(Trainer):
         if self.nonfinite_in_a_row >= limit:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1} "
-                f"(engine.max_nonfinite_steps={limit}); {self.skipped_steps + 1} steps skipped in all. "
+                f"(engine.max_nonfinite_steps={limit}); {self.skipped_steps} steps skipped in all. "
                 f"Lower optim.lr, raise optim.warmup_steps or use fp32; resume from the last checkpoint "
                 f"with --resume")
 
@@ -366,8 +400,9 @@ class DeepSpeedTrainer(Trainer):
 
     def _reduce_stats(self, stats: dict) -> dict:
         """Logged metrics are the mean over ranks (every rank gets the same values, so the collapse
-        guard and the non-finite check stop all ranks together)."""
-        t = torch.tensor(list(stats.values()), dtype=torch.float64)
+        guard and the non-finite check stop all ranks together). On self.device: NCCL (the process
+        group on GPUs) reduces CUDA tensors only."""
+        t = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)  # (len(stats),)
         torch.distributed.all_reduce(t)
         return dict(zip(stats, (t / self.world_size).tolist()))
 
@@ -435,18 +470,65 @@ class DeepSpeedTrainer(Trainer):
         self.resumed_from = ck
 
 
+def _param_group_names(ck: Path) -> list[list[str]]:
+    """Parameter names of d2v's optimizer param groups (d2v/trainer.py param_groups) for the model in
+    ck's config.yaml, in DeepSpeed's order (it drops empty groups); built on the meta device."""
+    from d2v.registry import build_model
+
+    cfg = Config.from_dict(yaml.safe_load((ck / CONFIG_FILE).read_text()))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_1d)
+    return [[name[id(p)] for p in g["params"]] for g in groups if g["params"]]
+
+
+def _zero0_student(ck: Path) -> dict:
+    """ZeRO-0 (zero_to_fp32 does not read it, DeepSpeed #6699): the module is saved whole, and with
+    bf16/fp16 it holds the low-precision copies; the fp32 master weights are in the optimizer state
+    of DeepSpeed's wrapper: `fp32_groups` (FP16_UnfusedOptimizer, torch optimizers: one tensor per
+    parameter) or `fp32_groups_flat` (FP16_Optimizer, fused Adam: one flat tensor per group), in the
+    order of d2v's param groups. Buffers and frozen parameters come from the module (as trained)."""
+    files = sorted((ck / DS_TAG).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ck / DS_TAG}: no mp_rank_*_model_states.pt")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    student = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    opt = saved.get("optimizer") or {}
+    if "fp32_groups" in opt:
+        masters = [list(g) for g in opt["fp32_groups"]]
+    elif "fp32_groups_flat" in opt:
+        masters = None  # split below, once the names (and so the shapes) are known
+    else:  # fp32 training: the module weights are the masters
+        return student
+    names = _param_group_names(ck)
+    if masters is None:
+        flat = opt["fp32_groups_flat"]  # per group: (sum of its parameters' numel,)
+        if [f.numel() for f in flat] != [sum(student[n].numel() for n in g) for g in names]:
+            raise ValueError(f"{files[0]}: fp32_groups_flat sizes {[f.numel() for f in flat]} do not match "
+                             f"the param groups of the model in {ck / CONFIG_FILE}")
+        masters = [list(f.split([student[n].numel() for n in g])) for f, g in zip(flat, names)]
+    if [len(g) for g in masters] != [len(g) for g in names]:
+        raise ValueError(f"{files[0]}: fp32 master groups of {[len(g) for g in masters]} tensors, the model "
+                         f"in {ck / CONFIG_FILE} has param groups of {[len(g) for g in names]}")
+    for group_names, group in zip(names, masters):
+        for n, w in zip(group_names, group):
+            if w.numel() != student[n].numel():
+                raise ValueError(f"{files[0]}: the fp32 master for {n} has {w.numel()} elements, the module "
+                                 f"weight {student[n].numel()}")
+            student[n] = w.float().reshape(student[n].shape).clone()
+    return student
+
+
 def consolidate(state: dict, ck: Path) -> tuple[dict, dict]:
     """A DeepSpeed d2v checkpoint -> (student, teacher) consolidated fp32 state dicts, on CPU, in one
-    process (no process group): the student through DeepSpeed's zero_to_fp32 (ZeRO 1-3; ZeRO-0
-    saves the full module), the teacher from state.pt (ZeRO 0-2) or from the per-rank shards
-    (ZeRO-3: each parameter's flat, padded slices concatenated in rank order)."""
+    process (no process group): the student's fp32 master weights through DeepSpeed's zero_to_fp32
+    (ZeRO 1-3) or from the saved whole module and its optimizer state (ZeRO-0), the teacher from
+    state.pt (ZeRO 0-2) or from the per-rank shards (ZeRO-3: each parameter's flat, padded slices
+    concatenated in rank order)."""
     stage = state["zero_stage"]
-    if stage == 0:  # zero_to_fp32 does not read ZeRO-0 (DeepSpeed #6699): the module is whole
-        files = sorted((ck / DS_TAG).glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{ck / DS_TAG}: no mp_rank_*_model_states.pt")
-        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        student = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if stage == 0:
+        student = _zero0_student(ck)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from d2v import ops
-from d2v.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from d2v.config import Config, check_resume_config
+from d2v.checkpoint import checkpoint_root, load_checkpoint, resolve_checkpoint, save_checkpoint
+from d2v.config import Config, ConfigError, EngineConfig, check_resume_config
 from d2v.ema import EMATeacher
 from d2v.masking import make_maskinfo
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
@@ -30,9 +30,18 @@ from d2v.registry import build_model
 
 
 def _latest_or_none(out_dir: Path):
+    """The run's checkpoint to resume (resolve_checkpoint), or None when out_dir holds no run. Never
+    None when step_* folders exist but none is complete: starting over would overwrite them."""
     try:
         return resolve_checkpoint(out_dir)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        root = checkpoint_root(out_dir)
+        found = sorted(p.name for p in root.glob("step_*"))
+        if found:
+            raise FileNotFoundError(
+                f"{root} holds {', '.join(found)} but no complete checkpoint ({e}); refusing to start over "
+                f"there (it would overwrite them): resume an intact checkpoint with --resume DIR, or set "
+                f"train.out_dir to a new folder") from None
         return None
 
 
@@ -94,8 +103,25 @@ def step_mode(cfg) -> str:
     return f"{student}, {head}, {m.attention} attention, {cfg.masking.clone_batch} mask(s) per sample"
 
 
+# engine.* keys that only the DeepSpeed engine (d2v/engine.py) implements
+DEEPSPEED_ONLY_KEYS = ("zero_stage", "grad_accum_steps", "activation_checkpointing", "offload_optimizer",
+                       "optimizer", "ds_config")
+
+
+def refuse_deepspeed_only_keys(cfg: Config) -> None:
+    """The single-process trainer would ignore these keys: refuse them instead, naming each."""
+    default = EngineConfig()
+    set_ = [f"engine.{k}={getattr(cfg.engine, k)!r}" for k in DEEPSPEED_ONLY_KEYS
+            if getattr(cfg.engine, k) != getattr(default, k)]
+    if set_:
+        raise ConfigError(f"{', '.join(set_)}: only the DeepSpeed engine implements "
+                          f"{'this key' if len(set_) == 1 else 'these keys'}; set engine.name=deepspeed (one "
+                          f"process works too) or launch with deepspeed/torchrun (engine.name=auto)")
+
+
 class Trainer:
     rank, world_size = 0, 1
+    deepspeed = False  # DeepSpeedTrainer: True
 
     def __init__(self, cfg: Config, resume: str | bool | None = None, progress: bool = True,
                  device: str | None = None, config_path: str | None = None):
@@ -107,7 +133,10 @@ class Trainer:
         if cfg.train.precision == "fp16":
             raise ValueError("train.precision: fp16 needs the DeepSpeed engine (engine.name=deepspeed); the "
                              "single-process trainer supports fp32 and bf16")
-        existing = _latest_or_none(self.out_dir)
+        if not self.deepspeed:
+            refuse_deepspeed_only_keys(cfg)
+        resume_dir = resume if resume and resume is not True else None  # --resume DIR
+        existing = _latest_or_none(self.out_dir) if resume_dir is None else None
         if not resume and existing is not None:  # checked before any model is built
             raise FileExistsError(
                 f"{self.out_dir} already holds a run (latest checkpoint {existing.name}); pass --resume to "
@@ -124,8 +153,8 @@ class Trainer:
         self.resumed_from = None
         if resume is True and existing is not None:  # --resume: continue the run in out_dir, if any
             self._restore(existing)
-        elif resume and resume is not True:  # --resume DIR: that checkpoint, which must exist
-            self._restore(resume)
+        elif resume_dir is not None:  # --resume DIR: that checkpoint, which must exist
+            self._restore(resume_dir)
         self._build_data()
 
     def _build_data(self) -> None:
@@ -199,6 +228,11 @@ class Trainer:
 
     def _restore(self, path) -> None:
         state, saved_cfg, ck = load_checkpoint(path)
+        if state.get("engine") == "deepspeed":
+            stage, ranks = state.get("zero_stage"), state.get("world_size")
+            raise ValueError(f"{ck} was saved by the DeepSpeed engine (ZeRO-{stage}, {ranks} rank(s)): "
+                             f"resume it with engine.name=deepspeed (as many ranks; ZeRO-0 on any number), "
+                             f"or run `d2v export --checkpoint {ck} --out FILE.pt` for plain torch weights")
         check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
         self.model.load_state_dict(state["model"])
         self.teacher.load_state_dict(state["teacher"])
@@ -209,7 +243,8 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- loop
     def banner(self) -> str:
-        cfg, n = self.cfg, sum(p.numel() for p in self.model.parameters())
+        # ZeRO-3 partitions parameters in place (p.numel() is 0); ds_numel is the full size
+        cfg, n = self.cfg, sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         table = ops.backend()
         ops_line = ", ".join(f"{k}={v['impl']}/{v['variant']}" for k, v in table.items())
         reasons: dict[str, list[str]] = {}  # each distinct reason once, with the ops it explains
@@ -289,6 +324,7 @@ class Trainer:
             "final": last, "checkpoint": str(ckpt or resolve_checkpoint(self.out_dir)),
             "metrics_csv": str(metrics_csv), "loss_curve": str(png) if png else None,
             "unreadable_files": sorted(self.bad_files),
+            "skipped_steps": self.skipped_steps,
         }
 
     def _collapse_guard(self, m: dict) -> None:

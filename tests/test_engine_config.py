@@ -74,6 +74,18 @@ def test_engine_validation():
         cfg("train.precision=fp16", "engine.name=single")
 
 
+@pytest.mark.parametrize("override", ["engine.grad_accum_steps=4", "engine.zero_stage=2",
+                                      "engine.activation_checkpointing=true", "engine.optimizer=deepspeed_adam"])
+def test_single_trainer_refuses_deepspeed_only_keys(tmp_path, override):
+    """The single-process trainer would ignore these keys: it names them and builds nothing."""
+    from d2v.trainer import Trainer
+
+    c = cfg(override, "engine.name=single", f"train.out_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*only the DeepSpeed engine"):
+        Trainer(c, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_engine_follows_the_launcher(monkeypatch):
     for k in ("WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

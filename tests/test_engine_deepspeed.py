@@ -1,13 +1,19 @@
 """The DeepSpeed engine with 2 ranks on gloo (spawned inside pytest), ZeRO stages 0-3, micro image model:
 finite decreasing loss, the same losses under every stage, the EMA teacher equal to the EMA of the
-consolidated student weights with no communication in the update, save -> crash -> resume equality.
+consolidated student weights with no communication in the update, save -> crash -> resume equality,
+non-finite losses (with gradient accumulation: the whole step dropped), the ZeRO-0 bf16 export of the
+fp32 master weights. The test marked gpu runs one process on NCCL (skipped without a CUDA device).
 
 All stages run in one spawned pair of processes (one process group; ~7 s start-up paid once); the
 tests below read what each rank recorded.
 
 Run: .venv/bin/python -m pytest -q tests/test_engine_deepspeed.py
 """
+import contextlib
+import json
+import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -30,9 +36,12 @@ class Crash(RuntimeError):
 
 
 # bf16 + gradient accumulation + activation checkpointing, on the stages with distinct teacher paths
-# (ZeRO-3 also with the optimizer offloaded)
+# (ZeRO-3 also with the optimizer offloaded; ZeRO-0 bf16 keeps its fp32 masters in DeepSpeed's
+# FP16_UnfusedOptimizer, which `d2v export` must read)
 FEATURES = {"train.precision": "bf16", "engine.grad_accum_steps": 2, "engine.activation_checkpointing": True}
-FEATURE_STAGES = (2, 3)
+FEATURE_STAGES = (0, 2, 3)
+# activation_checkpointing keys of a user JSON (engine.ds_config), given to the ZeRO-2 feature run
+AC_JSON = {"activation_checkpointing": {"synchronize_checkpoint_boundary": True, "number_checkpoints": 3}}
 
 
 def _cfg(out, stage, **extra):
@@ -66,26 +75,57 @@ def _full_teacher(tr, stage):
     return {n: sd[n].detach().float().clone() for n in tr.teacher.names}
 
 
-_COLLECTIVES = ("all_gather_into_tensor", "all_gather", "broadcast", "all_reduce", "reduce_scatter_tensor")
+# DeepSpeed's comm backend object (deepspeed.comm.comm.cdb): every DeepSpeed collective (ZeRO-3 gathers,
+# safe_get_full_fp32_param's all-reduce) goes through it; it calls torch.distributed functions it captured
+# at import, so patching torch.distributed alone would not see them
+_DS_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "reduce", "reduce_scatter",
+                   "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "all_gather",
+                   "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced", "all_gather_object",
+                   "all_to_all_single", "all_to_all", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+                   "gather", "scatter", "barrier")
+# torch.distributed, which d2v itself calls
+_TORCH_COLLECTIVES = ("all_gather_into_tensor", "all_gather", "broadcast", "broadcast_object_list",
+                      "all_reduce", "reduce_scatter_tensor", "barrier")
+
+
+@contextlib.contextmanager
+def _calls_recorded(calls: list):
+    """Inside: each collective (DeepSpeed's comm backend object, torch.distributed) and each DeepSpeed
+    helper that gathers (safe_get_full_*, GatheredParameters) appends its name to `calls`, then runs."""
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils
+    from deepspeed.runtime.zero import partition_parameters
+
+    targets = ([(ds_comm.cdb, k) for k in _DS_COLLECTIVES]
+               + [(torch.distributed, k) for k in _TORCH_COLLECTIVES]
+               + [(deepspeed.utils, k) for k in ("safe_get_full_fp32_param", "safe_get_full_grad",
+                                                 "safe_get_full_optimizer_state")]
+               + [(deepspeed.zero, "GatheredParameters"), (partition_parameters, "GatheredParameters")])
+    saved = [(obj, k, getattr(obj, k), k in vars(obj)) for obj, k in targets if hasattr(obj, k)]
+    for obj, k, f, _ in saved:
+        setattr(obj, k, lambda *a, _k=k, _f=f, **kw: (calls.append(_k), _f(*a, **kw))[1])
+    try:
+        yield
+    finally:
+        for obj, k, f, own in saved:
+            if own:
+                setattr(obj, k, f)
+            else:  # a method of the backend's class: drop the instance attribute
+                delattr(obj, k)
 
 
 def _track_ema(tr, stage, record):
-    """Wrap teacher.update: count collectives inside it, and advance a reference EMA computed from
-    the consolidated student (gathered here, in the test only)."""
+    """Wrap teacher.update: record collectives and gathers inside it, and advance a reference EMA
+    computed from the consolidated student (gathered here, in the test only)."""
     ref = _full_teacher(tr, stage)
-    orig, dist = tr.teacher.update, torch.distributed
+    orig = tr.teacher.update
     trainable = {n for n, p in tr.model.named_parameters() if p.requires_grad}
 
     def update(step):
-        calls, saved = [], {k: getattr(dist, k) for k in _COLLECTIVES}
-        for k in _COLLECTIVES:
-            setattr(dist, k, lambda *a, _k=k, **kw: (calls.append(_k), saved[_k](*a, **kw))[1])
-        try:
+        calls = []
+        with _calls_recorded(calls):
             d = orig(step)
-        finally:
-            for k, f in saved.items():
-                setattr(dist, k, f)
-        record["update_collectives"] += len(calls)
+        record["update_collectives"] += calls
         s = _full_student(tr, stage)
         for n in ref:
             ref[n] = d * ref[n] + (1 - d) * s[n] if n in trainable else s[n].clone()
@@ -104,9 +144,10 @@ def _worker(rank, port, root):
     root = Path(root)
     out = {}
     for stage in STAGES:
-        rec = {"update_collectives": 0}
+        rec = {"update_collectives": []}
         # full run, with the reference EMA
         tr = DeepSpeedTrainer(_cfg(root / f"z{stage}" / "a", stage), progress=False)
+        rec["banner_params"] = re.search(r"([\d.]+)M student params", tr.banner()).group(1)
         ref = _track_ema(tr, stage, rec)
         tr.train()
         # ZeRO-3: between steps no teacher parameter is held whole (each rank keeps its shard only)
@@ -141,16 +182,34 @@ def _worker(rank, port, root):
         rec["resume_student_err"] = max((sc[n] - student_a[n]).abs().max().item() for n in sc)
         rec["resume_teacher_err"] = max((tcs[n] - teacher_a[n]).abs().max().item() for n in tcs)
         out[stage] = rec
+        if stage == 3:  # what a teacher update that gathers would call: the recorder must see it
+            calls = []
+            with _calls_recorded(calls):
+                deepspeed.utils.safe_get_full_fp32_param(tc.teacher._src[tc.teacher._avg[0]])
+                with deepspeed.zero.GatheredParameters(tc.teacher._ema[:1]):
+                    pass
+            out["watch_selftest"] = calls
     for stage in FEATURE_STAGES:
-        rec = {"update_collectives": 0}
+        rec = {"update_collectives": []}
         extra = {"engine.offload_optimizer": True} if stage == 3 else {}  # optimizer step on the CPU
+        if stage == 2:
+            (root / f"ac{rank}.json").write_text(json.dumps(AC_JSON))
+            extra = {"engine.ds_config": str(root / f"ac{rank}.json")}
         tr = DeepSpeedTrainer(_cfg(root / f"f{stage}", stage, **FEATURES, **extra), progress=False)
+        from deepspeed.runtime.activation_checkpointing import checkpointing
+
+        rec["ac_settings"] = (checkpointing.SYNCHRONIZE, checkpointing.num_layers)
         ref = _track_ema(tr, stage, rec)
         tr.train()
         teacher = _full_teacher(tr, stage)
         rec["ema_max_err"] = max((teacher[n] - ref[n]).abs().max().item() for n in ref)
+        if stage == 0:  # the fp32 masters of DeepSpeed's bf16 wrapper, by name (replicated: every rank)
+            name = {id(p): n for n, p in tr.model.named_parameters()}
+            pairs = zip(tr.optimizer.fp16_groups, tr.optimizer.fp32_groups)  # (module param, fp32 master)
+            rec["masters"] = {name[id(lp)]: hp.detach().clone() for lo, hi in pairs for lp, hp in zip(lo, hi)}
         out[f"f{stage}"] = rec
     out["nan"] = _nan_runs(DeepSpeedTrainer, root, rank)
+    out["nan_accum"] = _nan_accum_runs(DeepSpeedTrainer, root)
     out["killed_save"] = _killed_mid_checkpoint(DeepSpeedTrainer, root)
     torch.save(out, root / f"rank{rank}.pt")
 
@@ -200,7 +259,7 @@ def _nan_runs(trainer_cls, root, rank):
     rec = {}
     tr = trainer_cls(_cfg(root / "nan1", 2), progress=False)
     _poison(tr, lambda call, r: call == 3 and r == 1)  # one bad batch, on rank 1 only
-    tr.train()
+    rec["summary_skipped"] = tr.train()["skipped_steps"]
     rec["steps"], rec["skipped"] = tr.step, tr.skipped_steps
     tr = trainer_cls(_cfg(root / "nan2", 2, **{"engine.max_nonfinite_steps": 3}), progress=False)
     _poison(tr, lambda call, r: call >= 2 and r == 0)  # diverged for good on rank 0
@@ -209,6 +268,67 @@ def _nan_runs(trainer_cls, root, rank):
         rec["error"] = None
     except FloatingPointError as e:
         rec["error"], rec["stopped_at"] = str(e), tr.step
+    return rec
+
+
+NAN_ACCUM_STAGES = (0, 1, 2, 3)
+NAN_ACCUM_STEPS = 4
+# grad_accum_steps=2: forward calls 3 and 4 are step 2's two micro-batches; {call: ranks whose loss is NaN}
+NAN_ACCUM_CASES = {"last": {4: (1,)},  # the last micro-batch only, on rank 1
+                   "all": {3: (0,), 4: (1,)}}  # every micro-batch of the step (the first on rank 0)
+
+
+def _client_state(tr) -> list:
+    """The tensors of the optimizer d2v built (moments, step counts), in a fixed order."""
+    return [v.detach().clone() for s in tr.client_optimizer.state.values() for _, v in sorted(s.items())
+            if torch.is_tensor(v)]
+
+
+def _nan_accum_runs(trainer_cls, root):
+    """Gradient accumulation with a NaN in one step: each skipped step is checked around its call (the
+    student and the optimizer state unchanged), the warnings' values and the batches drawn recorded."""
+    rec = {}
+    for stage in NAN_ACCUM_STAGES:
+        for case, bad in NAN_ACCUM_CASES.items():
+            tr = trainer_cls(_cfg(root / f"nanacc{stage}{case}", stage, **{
+                "engine.grad_accum_steps": 2, "train.max_steps": NAN_ACCUM_STEPS}), progress=False)
+            _poison(tr, lambda call, r, _bad=bad: r in _bad.get(call, ()))
+            r = rec[(stage, case)] = {"warned": [], "batches": 0, "skips": []}
+            step, next_batch, count = tr._train_step, tr._next_batch, tr._count_nonfinite
+
+            def train_step(it, _tr=tr, _r=r, _stage=stage, _step=step):
+                before, state = _full_student(_tr, _stage), _client_state(_tr)
+                res = _step(it)
+                if res[0] is None:
+                    after, state_after = _full_student(_tr, _stage), _client_state(_tr)
+                    _r["skips"].append({
+                        "param_err": max((after[n] - before[n]).abs().max().item() for n in before),
+                        "state_same": len(state) == len(state_after) and all(
+                            torch.equal(a, b) for a, b in zip(state, state_after))})
+                return res
+
+            def draw(it, _r=r, _next=next_batch):
+                _r["batches"] += 1
+                return _next(it)
+
+            def counted(value, _r=r, _count=count):
+                _r["warned"].append(value)
+                return _count(value)
+
+            tr._train_step, tr._next_batch, tr._count_nonfinite = train_step, draw, counted
+            summary = tr.train()
+            r.update(steps=tr.step, skipped=tr.skipped_steps, summary_skipped=summary["skipped_steps"],
+                     data_position=tr.data_position(),
+                     params_finite=all(bool(v.isfinite().all()) for v in _full_student(tr, stage).values()))
+    # stops once engine.max_nonfinite_steps=2 windows in a row had a NaN: the message counts them
+    tr = trainer_cls(_cfg(root / "nanacc_stop", 1, **{"engine.grad_accum_steps": 2,
+                                                      "engine.max_nonfinite_steps": 2}), progress=False)
+    _poison(tr, lambda call, r: call >= 3 and r == 0)
+    try:
+        tr.train()
+        rec["stop"] = None
+    except FloatingPointError as e:
+        rec["stop"] = (str(e), tr.step, tr.skipped_steps)
     return rec
 
 
@@ -249,8 +369,18 @@ def test_teacher_is_ema_of_consolidated_student(runs, stage):
         r = rec[stage]
         assert r["ema_moved"] > 1e-4, "the student moved away from the teacher: the check has teeth"
         assert r["ema_max_err"] < 1e-6, (rank, r)
-        assert r["update_collectives"] == 0, "the EMA update must not communicate (no gather)"
+        assert r["update_collectives"] == [], "the EMA update must not communicate (no gather)"
         assert r["teacher_whole"] == 0, "ZeRO-3: the teacher's gathered parameters must be released"
+
+
+def test_update_watch_sees_gathers(runs):
+    """The recorder the test above wraps the update in sees a ZeRO-3 gather (DeepSpeed's allgather goes
+    through a torch.distributed function it captured at import: patching torch.distributed misses it)
+    and the gathering helpers, when a ZeRO-3 teacher update would call them."""
+    for r in runs[1]:
+        calls = r["watch_selftest"]
+        assert {"safe_get_full_fp32_param", "GatheredParameters", "all_gather_into_tensor"} <= set(calls), \
+            calls
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -276,7 +406,53 @@ def test_bf16_grad_accum_activation_checkpointing(runs, stage):
     assert rows[0]["loss"] != ref[0]["loss"]  # bf16 and 2 micro-batches really changed the run
     for r in recs:
         assert r[f"f{stage}"]["ema_max_err"] < 1e-6, r[f"f{stage}"]
-        assert r[f"f{stage}"]["update_collectives"] == 0
+        assert r[f"f{stage}"]["update_collectives"] == []
+
+
+def test_user_activation_checkpointing_keys_are_applied(runs):
+    """engine.ds_config's activation_checkpointing keys reach deepspeed.checkpointing.configure."""
+    _, recs = runs
+    ac = AC_JSON["activation_checkpointing"]
+    for r in recs:
+        assert r["f2"]["ac_settings"] == (True, ac["number_checkpoints"])
+        assert r["f3"]["ac_settings"] == (False, None)  # DeepSpeed's defaults: no user JSON there
+
+
+def test_activation_checkpointing_keys_need_the_d2v_switch(tmp_path):
+    from d2v.config import ConfigError
+    from d2v.engine import deepspeed_config
+
+    cfg = _cfg(tmp_path, 1)  # engine.activation_checkpointing false
+    with pytest.raises(ConfigError, match="activation_checkpointing.profile=True.*engine.activation_checkp"):
+        deepspeed_config(cfg, 2, user={"activation_checkpointing": {"profile": True}})
+    on = _cfg(tmp_path, 1, **{"engine.activation_checkpointing": True})
+    assert deepspeed_config(on, 2, user={"activation_checkpointing": {"profile": True}})[
+        "activation_checkpointing"]["profile"] is True
+
+
+def test_zero0_bf16_export_is_the_fp32_masters(runs, tmp_path):
+    """ZeRO-0 + bf16: the module holds bf16 copies; `d2v export` writes the optimizer's fp32 masters."""
+    from d2v.cli import main
+
+    root, recs = runs
+    out = tmp_path / "export.pt"
+    assert main(["export", "--checkpoint", str(root / "f0"), "--out", str(out)]) == 0
+    student = torch.load(out, weights_only=False)["student"]
+    ck = root / "f0" / "checkpoints" / f"step_{STEPS:08d}"
+    module = torch.load(ck / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    masters = recs[0]["f0"]["masters"]
+    assert set(masters) == {n for n, v in module.items() if v.dtype == torch.bfloat16}
+    for n, m in masters.items():
+        assert student[n].dtype == torch.float32 and torch.equal(student[n], m), n
+        assert torch.equal(m.to(torch.bfloat16), module[n]), n  # the module weight is its bf16 rounding
+    assert any(not torch.equal(m, module[n].float()) for n, m in masters.items())  # more than bf16 bits
+
+
+def test_banner_counts_partitioned_params(runs):
+    _, recs = runs
+    for r in recs:
+        counts = {r[stage]["banner_params"] for stage in STAGES}
+        assert len(counts) == 1 and counts != {"0.00"}, counts  # ZeRO-3 counts ds_numel, not the empty shard
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -319,12 +495,41 @@ def test_nonfinite_loss_skips_then_stops(runs):
     root, recs = runs
     for r in recs:  # both ranks skipped the same step (rank 0's loss was finite)
         assert r["nan"]["steps"] == STEPS and r["nan"]["skipped"] == 1
+        assert r["nan"]["summary_skipped"] == 1
         assert r["nan"]["stopped_at"] == 1, r["nan"]
         assert "3 non-finite losses in a row" in r["nan"]["error"]
         assert "engine.max_nonfinite_steps=3" in r["nan"]["error"]
     rows = read_metrics(root / "nan1" / "metrics.csv")
     assert [x["step"] for x in rows] == list(range(1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor([x["loss"] for x in rows])))
+
+
+@pytest.mark.parametrize("stage", NAN_ACCUM_STAGES)
+@pytest.mark.parametrize("case", NAN_ACCUM_CASES)
+def test_nonfinite_micro_batch_drops_the_whole_accumulated_step(runs, stage, case):
+    """grad_accum_steps=2, a NaN in step 2's last micro-batch or in all of them (on either rank): the
+    step is skipped whole (student and optimizer state unchanged), counted once, its batches consumed,
+    and training goes on finite."""
+    root, recs = runs
+    for rank, rec in enumerate(recs):
+        r = rec["nan_accum"][(stage, case)]
+        assert r["steps"] == NAN_ACCUM_STEPS and r["skipped"] == 1 and r["summary_skipped"] == 1, r
+        assert r["skips"] == [{"param_err": 0.0, "state_same": True}], r
+        assert r["batches"] == r["data_position"] == (NAN_ACCUM_STEPS + 1) * 2, r
+        assert r["params_finite"], r
+        assert len(r["warned"]) == 1, r
+    # the warning shows the bad micro-batch's loss: rank 1's last one, rank 0's first one
+    assert math.isnan(recs[1 if case == "last" else 0]["nan_accum"][(stage, case)]["warned"][0])
+    rows = read_metrics(root / f"nanacc{stage}{case}" / "metrics.csv")
+    assert [x["step"] for x in rows] == list(range(1, NAN_ACCUM_STEPS + 1))
+    assert all(math.isfinite(x["loss"]) for x in rows)
+
+
+def test_nonfinite_windows_in_a_row_stop_with_the_right_counts(runs):
+    for rec in runs[1]:
+        msg, step, skipped = rec["nan_accum"]["stop"]
+        assert step == 1 and skipped == 2, rec["nan_accum"]["stop"]
+        assert "2 non-finite losses in a row at step 2" in msg and "2 steps skipped in all" in msg, msg
 
 
 def _one_rank_resume(rank, port, root):
@@ -372,3 +577,37 @@ def test_killed_mid_checkpoint_keeps_latest_complete(runs):
         assert k["latest"] == "step_00000004", k  # the half-written step 8 never became latest
         assert k["partial"] == [".step_00000008.tmp-ds"], k
         assert k["resumed_at"] == 4 and k["final"] == f"step_{STEPS:08d}", k
+
+
+def _gpu_worker(rank, port, root):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
+    from d2v.engine import DeepSpeedTrainer
+
+    root, rec = Path(root), {}
+    for stage in (0, 3):
+        cfg = _cfg(root / f"gpu{stage}", stage, **{"train.precision": "bf16", "engine.grad_accum_steps": 2,
+                                                    "train.max_steps": 4, "train.log_every": 1})
+        tr = DeepSpeedTrainer(cfg, progress=False)
+        _poison(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
+        summary = tr.train()
+        rec[stage] = {"backend": torch.distributed.get_backend(), "device": tr.device.type, "steps": tr.step,
+                      "skipped": summary["skipped_steps"]}
+    torch.save(rec, root / "gpu.pt")
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_bf16_logs_every_step(tmp_path):
+    """One process on NCCL (CUDA tensors only): the per-step metric all-reduce, the per-micro-batch
+    finiteness all-reduce, a skipped step and the checkpoint's object broadcasts, ZeRO-0 and ZeRO-3."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gpu_worker, args=(port, str(tmp_path)), nprocs=1)
+    rec = torch.load(tmp_path / "gpu.pt")
+    for stage in (0, 3):
+        assert rec[stage] == {"backend": "nccl", "device": "cuda", "steps": 4, "skipped": 1}, rec
+        rows = read_metrics(tmp_path / f"gpu{stage}" / "metrics.csv")
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)

@@ -1,6 +1,6 @@
 """The real `deepspeed` launcher (and torchrun) starts 2 processes (CPU, gloo) running `d2v pretrain`:
 the DeepSpeed engine is picked automatically (engine.name auto), rank 0 alone prints and logs, the run finishes
-with a complete checkpoint.
+with a complete checkpoint, and resumes with engine.name=deepspeed named instead of auto.
 
 Run: .venv/bin/python -m pytest -q tests/test_launcher.py
 """
@@ -52,3 +52,12 @@ def test_launcher_two_processes(tmp_path, launcher):
     state, _, ck = load_checkpoint(out)
     assert ck.name == "step_00000004" and state["world_size"] == 2 and state["engine"] == "deepspeed"
     assert sorted(p.name for p in ck.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    if launcher == "torchrun":  # the run (engine.name auto) resumes with engine.name=deepspeed named
+        more = [o for o in overrides if not o.startswith("train.max_steps=")]
+        cmd = [*start, "pretrain", "--config", str(ROOT / "configs" / "tiny_image.yaml"), *more,
+               "train.max_steps=6", "engine.name=deepspeed", "--no-probe", "--no-progress", "--resume"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+        log = res.stdout + res.stderr
+        assert res.returncode == 0, log[-4000:]
+        assert "resumed from" in log and log.count("\ndone: 6 steps (2 this run)") == 1, log[-4000:]
+        assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3, 4, 5, 6]

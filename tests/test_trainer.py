@@ -136,6 +136,7 @@ def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
     summary = done.train()
     assert done.step == 3 and summary["steps_this_run"] == 0
     assert summary["final"]["step"] == 3 and summary["final"]["loss"] > 0  # last logged metrics
+    assert summary["skipped_steps"] == 0
     longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3}), resume=True,
                      progress=False)  # max_steps may change
     assert longer.step == 3
@@ -143,3 +144,75 @@ def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
         Trainer(micro(tmp_path, steps=3, **{"optim.lr": 0.5}), resume=True, progress=False)
     fresh = Trainer(micro(tmp_path / "new", steps=3), resume=True, progress=False)  # nothing to resume
     assert fresh.step == 0 and fresh.resumed_from is None
+
+
+def test_replacing_the_step_latest_names_keeps_a_resumable_run(tmp_path, monkeypatch):
+    """Re-saving step 2 while `latest` names it (a run rolled back with --resume .../step_X): the old
+    folder is renamed aside, not deleted, until `latest` moved; killed in between, resolving falls back
+    to the newest complete checkpoint with a warning. Done normally, no old folder is left."""
+    import os
+
+    from d2v import checkpoint
+
+    out = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(out, step, {"step": step}, {"a": step}, keep_last=5)
+    root = out / "checkpoints"
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(src).name.startswith(".step_00000002.tmp"):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(out, 2, {"step": 2, "again": True}, {"a": 2}, keep_last=5)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert (root / "latest").read_text().strip() == "step_00000002" and not (root / "step_00000002").exists()
+    aside = list(root.glob(".step_00000002.old-*"))
+    assert len(aside) == 1 and (aside[0] / "state.pt").is_file()  # the old step 2 still exists
+    with pytest.warns(UserWarning, match="latest names step_00000002, which has no state.pt: using the "
+                                         "newest complete checkpoint, .*step_00000001"):
+        assert resolve_checkpoint(out).name == "step_00000001"
+
+    save_checkpoint(out, 2, {"step": 2, "again": True}, {"a": 2}, keep_last=5)
+    save_checkpoint(out, 2, {"step": 2, "third": True}, {"a": 2}, keep_last=5)  # replaces the named step
+    state, _, ck = load_checkpoint(out)
+    assert ck.name == "step_00000002" and state.get("third") is True
+    assert not list(root.glob(".step_*"))  # no folder set aside is left once `latest` moved
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002"]
+
+
+def test_resume_falls_back_to_a_complete_checkpoint_or_refuses(tmp_path):
+    cfg = micro(tmp_path, steps=6)  # checkpoints at 3 and 6
+    Trainer(cfg, progress=False).train()
+    root = tmp_path / "checkpoints"
+    (root / "step_00000006" / "state.pt").unlink()  # `latest` names a damaged folder
+    with pytest.warns(UserWarning, match="using the newest complete checkpoint"):
+        resumed = Trainer(cfg, resume=True, progress=False)
+    assert resumed.step == 3 and resumed.resumed_from.name == "step_00000003"
+    (root / "step_00000003" / "state.pt").unlink()  # nothing complete left: never start over silently
+    for resume in (True, None):
+        with pytest.raises(FileNotFoundError, match=r"checkpoints holds step_00000003, step_00000006 but no "
+                                                    r"complete checkpoint.*refusing to start over"):
+            Trainer(cfg, resume=resume, progress=False)
+
+
+def test_single_process_trainer_refuses_a_deepspeed_checkpoint(tmp_path):
+    cfg = micro(tmp_path, steps=3)
+    save_checkpoint(tmp_path, 2, {"step": 2, "engine": "deepspeed", "zero_stage": 1, "world_size": 2},
+                    cfg.to_dict(), keep_last=2)
+    with pytest.raises(ValueError, match=r"saved by the DeepSpeed engine \(ZeRO-1, 2 rank\(s\)\): resume it "
+                                         r"with engine.name=deepspeed.*d2v export"):
+        Trainer(cfg, resume=True, progress=False)
+
+
+def test_resume_may_switch_engine_name():
+    """A launcher run (engine.name=auto) resumes with engine.name=deepspeed, and the other way round."""
+    from d2v.config import check_resume_config
+
+    auto = load_config(TINY, ["engine.name=auto"]).to_dict()
+    named = load_config(TINY, ["engine.name=deepspeed"]).to_dict()
+    check_resume_config(auto, named, "ck")
+    check_resume_config(named, auto, "ck")
