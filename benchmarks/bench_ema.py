@@ -96,7 +96,7 @@ def main() -> None:
             del ema, par, low
     rec.speedups("torch eager (ref loop)")
     if not args.no_write:
-        rec.write("x eager = speed-up over the reference's per-parameter loop.")
+        rec.write("x eager = speed-up over the reference's per-parameter loop.", quick=args.quick)
 
 
 if __name__ == "__main__":

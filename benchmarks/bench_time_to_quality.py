@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import append_csv, append_markdown, device_slug, md_table, results_dir, stamp  # noqa: E402
 
 FIELDS = ["date", "git_sha", "device", "threads", "torch", "python", "run", "config", "step", "max_steps",
-          "train_s", "task", "shots", "student_full", "student_fewshot", "teacher_full", "teacher_fewshot",
+          "train_s", "task", "shots", "n_test", "student_full", "student_fewshot", "teacher_full", "teacher_fewshot",
           "random_full", "random_fewshot", "note"]
 DEFAULT_RUNS = ["d2v2=configs/tiny_image.yaml", "d2v1=configs/tiny_image_d2v1.yaml"]
 QUICK = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder.dim=32",
@@ -72,7 +73,7 @@ def probe_run(name: str, config: str, out: Path) -> list[dict]:
         res = run_probe(ck)
         k = f"{res['shots']}shot"
         for task, r in res["tasks"].items():
-            base = {"run": name, "config": config, "task": task, "shots": res["shots"],
+            base = {"run": name, "config": config, "task": task, "shots": res["shots"], "n_test": r["n_test"],
                     "random_full": f"{r['random_init']['full']:.2f}", "random_fewshot": f"{r['random_init'][k]:.2f}"}
             if i == 0:  # the random init is the step-0 point of the curve
                 rows.append({**base, "step": 0, "train_s": "0.0", "student_full": base["random_full"],
@@ -88,8 +89,14 @@ def probe_run(name: str, config: str, out: Path) -> list[dict]:
     return rows
 
 
+def _first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in curve if acc >= target), None)
+
+
 def headline(rows: list[dict], fast: str, slow: str) -> str:
-    """When did `fast` first reach `slow`'s final few-shot accuracy (first task), vs `slow` itself?"""
+    """When did `fast` and `slow` each first reach `slow`'s final few-shot accuracy (first task)?
+    Both times are first crossings (the slow run may get there before its last checkpoint), and the
+    line states the probe's sampling noise: one binomial standard error at the test-set size."""
     task = rows[0]["task"]
 
     def curve(run):
@@ -99,14 +106,19 @@ def headline(rows: list[dict], fast: str, slow: str) -> str:
     f, s = curve(fast), curve(slow)
     if not f or not s:
         return ""
-    target, t_slow = s[-1][1], s[-1][0]
-    t_fast = next((t for t, acc in f if acc >= target), None)
+    target = s[-1][1]
+    t_slow, t_fast = _first_reach(s, target), _first_reach(f, target)
     shots = rows[0]["shots"]
+    n = int(rows[0].get("n_test") or 0)
+    se = 100 * math.sqrt(target / 100 * (1 - target / 100) / n) if n else float("nan")
+    noise = (f" | probe noise: 1 SE = {se:.1f} pts at {n} test examples; final accuracies {f[-1][1]:.1f}% "
+             f"({fast}) vs {target:.1f}% ({slow}) "
+             f"{'tie (within 2 SE)' if abs(f[-1][1] - target) < 2 * se else 'differ by more than 2 SE'}") if n else ""
     if t_fast is None:
-        return (f"{fast} did not reach {slow}'s final {shots}-shot {task} accuracy ({target:.1f}% at {t_slow:.0f} s); "
-                f"its best was {max(a for _, a in f):.1f}%")
-    return (f"{fast} reached {slow}'s final {shots}-shot {task} accuracy ({target:.1f}%, at {t_slow:.0f} s) "
-            f"after {t_fast:.0f} s of training: {t_slow / max(t_fast, 1e-9):.1f}x less time")
+        return (f"{fast} did not reach {slow}'s final {shots}-shot {task} accuracy ({target:.1f}%, first at "
+                f"{t_slow:.0f} s); its best was {max(a for _, a in f):.1f}%" + noise)
+    return (f"{slow} first reached its final {shots}-shot {task} accuracy ({target:.1f}%) after {t_slow:.0f} s, "
+            f"{fast} after {t_fast:.0f} s: {t_slow / max(t_fast, 1e-9):.1f}x less time" + noise)
 
 
 def plot(rows: list[dict], png: Path, st: dict) -> Path:
@@ -185,13 +197,15 @@ def main(argv=None) -> int:
     line = headline(rows, runs[0][0], runs[-1][0]) if len(runs) > 1 else ""
     if line:
         print(line)
-    if not a.no_write:
-        out_dir = results_dir()
+    out_dir = None if a.no_write else results_dir(quick=a.quick)  # --quick: only into D2V_BENCH_RESULTS
+    if out_dir is not None:
         csv_path, md_path = out_dir / "time_to_quality.csv", out_dir / "time_to_quality.md"
         append_csv(csv_path, FIELDS, rows)
         cols = ["run", "step", "train_s", "task", "student_fewshot", "student_full", "teacher_fewshot",
                 "teacher_full", "random_fewshot", "random_full"]
-        lines = [f"\n## {st['date']} {st['device']} | torch {st['torch']} | git {st['git_sha']} | "
+        threads = f"{st['threads']} threads | " if st["threads"] != "" else ""
+        lines = [f"\n## {st['date']} {st['device']} | torch {st['torch']} | Python {st['python']} | {threads}"
+                 f"git {st['git_sha']} | "
                  f"runs {', '.join(f'{n}={c}' for n, c in runs)} | overrides {' '.join(over) or 'none'}\n"]
         if line:
             lines.append(f"**{line}**\n")

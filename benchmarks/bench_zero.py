@@ -7,6 +7,11 @@ on GPU): `--warmup` steps, then `--steps` timed optimizer steps through the same
 trainer runs (no checkpoints, no logging). Rows go to benchmarks/results/zero.csv and one markdown
 table per run to benchmarks/results/zero.md, each with device, date, versions and git sha.
 
+Per row: `threads` is each rank's torch thread count (on CPU the cores split over the ranks); a step
+takes as long as its slowest rank, so step i's time is the max over ranks of rank r's step i, and
+`ms_median` / `ms_min` are the median / min of those per-step maxima (both the same reduction);
+`peak_mib` is the max over ranks.
+
 Run (CPU): .venv/bin/python benchmarks/bench_zero.py --configs tiny base --worlds 1 2
      (GPU, 1 device): python benchmarks/bench_zero.py --configs base --worlds 1 --batch 16 --clones 16
 """
@@ -32,6 +37,7 @@ FIELDS = ["date", "git_sha", "device", "threads", "torch", "python", "deepspeed"
           "precision", "batch", "clones", "params_m", "ms_median", "ms_min", "steps", "param_mib",
           "optim_mib", "teacher_mib", "peak_mib", "peak_kind"]
 ROOT = Path(__file__).resolve().parent.parent
+COLS = FIELDS[7:9] + ["threads"] + FIELDS[9:]  # printed and markdown columns: config, world, threads, ...
 
 
 def _bytes(tensors) -> int:
@@ -85,9 +91,8 @@ def _worker(rank, world, port, args, config, stage, out_file):
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
     n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in tr.model.parameters())
     row = {"config": config, "world": world, "stage": stage, "precision": args.precision, "batch": args.batch,
-           "clones": args.clones, "params_m": round(n / 1e6, 2),
-           "ms_median": round(statistics.median(times), 1),
-           "ms_min": round(min(times), 1), "steps": args.steps, "param_mib": round(p / 2**20, 2),
+           "clones": args.clones, "params_m": round(n / 1e6, 2), "threads": torch.get_num_threads(),
+           "times": times, "steps": args.steps, "param_mib": round(p / 2**20, 2),
            "optim_mib": round(o / 2**20, 2), "teacher_mib": round(t / 2**20, 2),
            "peak_mib": round(peak / 2**20, 1), "peak_kind": kind}
     torch.save(row, f"{out_file}.{rank}")
@@ -123,18 +128,23 @@ def main() -> None:
                 out = Path(tempfile.mkdtemp()) / "row"
                 mp.spawn(_worker, args=(world, port, args, config, stage, str(out)), nprocs=world)
                 per_rank = [torch.load(f"{out}.{r}") for r in range(world)]
-                row = dict(env, **per_rank[0])  # rank 0; ranks hold equal shares (max shown for peak)
-                row["peak_mib"] = max(r["peak_mib"] for r in per_rank)
-                row["ms_median"] = max(r["ms_median"] for r in per_rank)
+                times = [r.pop("times") for r in per_rank]  # (world, steps) ms
+                row = dict(env, **per_rank[0])  # rank 0's state bytes: ranks hold equal shares
+                step_ms = [max(ts) for ts in zip(*times)]  # a step lasts as long as its slowest rank
+                row.update(ms_median=round(statistics.median(step_ms), 1), ms_min=round(min(step_ms), 1),
+                           peak_mib=max(r["peak_mib"] for r in per_rank))
                 rows.append(row)
-                print(" | ".join(f"{k}={row[k]}" for k in FIELDS[7:]), flush=True)
+                print(" | ".join(f"{k}={row[k]}" for k in COLS), flush=True)
     if args.no_save:
         return
     out_dir = results_dir()
     csv_path, md_path = out_dir / CSV_NAME, out_dir / MD_NAME
     append_csv(csv_path, FIELDS, rows)
-    append_markdown(md_path, [f"\n## {env['date']} {env['device']} | torch {env['torch']} | deepspeed "
-                              f"{env['deepspeed']} | git {env['git_sha']}\n", *md_table(FIELDS[7:], rows)])
+    threads = "/".join(sorted({str(r["threads"]) for r in rows}))
+    append_markdown(md_path, [f"\n## {env['date']} {env['device']} | torch {env['torch']} | Python {env['python']} | "
+                              f"deepspeed {env['deepspeed']} | git {env['git_sha']} | {threads} thread(s) per rank | "
+                              f"{args.warmup} warmup + {args.steps} timed steps; ms = per-step max over ranks\n",
+                              *md_table(COLS, rows)])
     print(f"wrote {csv_path} and {md_path}")
 
 

@@ -10,6 +10,13 @@ benchmark/BENCHMARK_GUIDELINES.md (median with p20/p80, device and version in ev
 
 Every output path is resolved through results_dir() when it is written, so D2V_BENCH_RESULTS=/some/dir
 redirects all of a run's files (the smoke tests, tests/test_bench_smoke.py, point it at a temp folder).
+A `--quick` smoke run writes nothing unless D2V_BENCH_RESULTS is set (it prints where it would have).
+
+CSV schema changes: append_csv never appends rows under a different header; it first renames the old
+file to <name>.v1.csv (.v2, ... if taken) and starts a new file with the new header.
+
+On CUDA, bench() writes a buffer of twice the L2 size between timed calls (outside the timed region), so
+inputs reused from call to call come from device memory, not from L2.
 """
 from __future__ import annotations
 
@@ -36,17 +43,38 @@ FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "
           "pct_copy_bw", "copy_gbps", "speedup_vs_eager", "note"]
 
 
-def results_dir() -> Path:
+def results_dir(quick: bool = False) -> Path | None:
     """Where results are written: $D2V_BENCH_RESULTS when set (tests point it at a temp folder), else
-    benchmarks/results."""
+    benchmarks/results; None for a --quick run without D2V_BENCH_RESULTS (its numbers mean nothing and
+    must not overwrite the committed results or plots)."""
     env = os.environ.get("D2V_BENCH_RESULTS", "").strip()
+    if quick and not env:
+        print(f"--quick: not writing results (they would go to {RESULTS}; set D2V_BENCH_RESULTS=DIR to keep them)")
+        return None
     out = Path(env) if env else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _rotate_if_header_differs(path: Path, fields: list[str]) -> None:
+    """An existing CSV with another header is renamed to <stem>.v1.csv (or the next free .vN.csv)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == fields:
+        return
+    n = 1
+    while (old := path.with_name(f"{path.stem}.v{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(old)
+    print(f"{path.name}: header changed; the old rows are kept in {old.name}, new rows start {path.name}")
+
+
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append rows (missing keys empty, extra keys dropped); the header goes into a new or empty file."""
+    """Append rows (missing keys empty, extra keys dropped); the header goes into a new or empty file. A
+    file with a different header is rotated to <stem>.vN.csv first, never appended to."""
+    _rotate_if_header_differs(path, fields)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
@@ -56,8 +84,9 @@ def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def md_table(cols: list[str], rows: list[dict]) -> list[str]:
+    """A markdown table; a "|" inside a cell is escaped."""
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
-        ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+        ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
 
 
 def append_markdown(path: Path, lines: list[str], title: str | None = None) -> None:
@@ -92,7 +121,8 @@ def git_sha() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # untracked (not ignored) files count: an uncommitted benchmark script makes the tree dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -116,8 +146,38 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80), interpolated linearly between order statistics (statistics.quantiles
+    'inclusive', = numpy.percentile's default); a single time is all three."""
+    if len(times) < 2:
+        return (times[0],) * 3
+    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles p10 .. p90
+    return statistics.median(times), q[1], q[7]
+
+
+def within_noise(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Do two (p20, p80) ranges overlap? Then their ratio is not told apart from 1 by this run."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def ratio_md(ratio: str, noisy: bool) -> str:
+    """A speed-up ratio for the markdown tables: "1.03~" when the two p20-p80 ranges overlap."""
+    return f"{ratio}~" if ratio and noisy else ratio
+
+
+def _l2_flusher(dev: torch.device) -> Callable[[], object]:
+    """On CUDA: a write of 2x the L2 size (evicts the previous call's inputs); elsewhere a no-op."""
+    if dev.type != "cuda":
+        return lambda: None
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20
+    buf = torch.empty(2 * l2 // 4, dtype=torch.float32, device=dev)
+    return buf.zero_
+
+
 def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of fn() over `repeats` timed calls after `warmup` calls."""
+    """(median, p20, p80) milliseconds of fn() over `repeats` timed calls after `warmup` calls. On CUDA
+    the L2 is flushed before every timed call (not timed: the start event is recorded after it)."""
+    flush = _l2_flusher(dev)
     for _ in range(warmup):
         fn()
     sync(dev)
@@ -125,6 +185,7 @@ def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int
     for _ in range(repeats):
         if dev.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush()
             a.record()
             fn()
             b.record()
@@ -134,9 +195,7 @@ def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return statistics.median(times), q(0.2), q(0.8)
+    return quantiles(times)
 
 
 def copy_bandwidth(dev: torch.device, mib: int = 256, repeats: int = 10) -> float:
@@ -174,27 +233,35 @@ class Recorder:
         return row
 
     def speedups(self, eager_provider: str) -> None:
-        """speedup_vs_eager = eager median / row median, per case."""
-        eager = {r["case"]: float(r["ms_median"]) for r in self.rows if r["provider"] == eager_provider}
+        """speedup_vs_eager = eager median / row median, per case; the markdown marks it "~" when the
+        row's p20-p80 range overlaps the eager row's (within noise)."""
+        eager = {r["case"]: r for r in self.rows if r["provider"] == eager_provider}
         for r in self.rows:
-            if r["case"] in eager:
-                r["speedup_vs_eager"] = f"{eager[r['case']] / float(r['ms_median']):.2f}"
+            e = eager.get(r["case"])
+            if e is not None:
+                r["speedup_vs_eager"] = f"{float(e['ms_median']) / float(r['ms_median']):.2f}"
+                r["_noisy"] = r is not e and within_noise((float(e["ms_p20"]), float(e["ms_p80"])),
+                                                          (float(r["ms_p20"]), float(r["ms_p80"])))
 
-    def write(self, header_note: str = "") -> None:
-        out = results_dir()
+    def write(self, header_note: str = "", quick: bool = False) -> None:
+        out = results_dir(quick)
+        if out is None:
+            return
         csv_path, md_path = out / CSV_NAME, out / MD_NAME
         append_csv(csv_path, FIELDS, self.rows)
         b = self.base
         lines = [f"\n## {self.bench} — {b['date']} — {b['device']}\n",
                  f"git {b['git_sha']}, torch {b['torch']}, triton {b['triton']}, Python {b['python']}"
                  + (f", {b['threads']} threads" if b["threads"] != "" else "")
-                 + f"; measured copy bandwidth {self.copy:.1f} GB/s. {header_note}\n",
+                 + "; 1 warmup call (2 for torch.compile), "
+                 f"{'/'.join(sorted({str(r['repeats']) for r in self.rows}))} timed calls per row (median, "
+                 f"p20-p80; ~ = within noise of eager); measured copy bandwidth {self.copy:.1f} GB/s. {header_note}\n",
                  "| case | shape | provider | impl | ms (median) | p20-p80 | GB/s (byte model) | % copy BW | x eager | note |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r['case']} | {r['shape']} | {r['provider']} | {r['impl']} | {r['ms_median']} | "
                          f"{r['ms_p20']}-{r['ms_p80']} | {r['gbps']} | {r['pct_copy_bw']} | "
-                         f"{r['speedup_vs_eager']} | {r['note']} |")
+                         f"{ratio_md(r['speedup_vs_eager'], r.get('_noisy', False))} | {r['note']} |")
         append_markdown(md_path, lines, "# Kernel benchmarks (append-only; rows also in kernels.csv)")
         print(f"wrote {csv_path} and {md_path}")
 

@@ -10,8 +10,12 @@ every op, and/or `op=impl` items (`D2V_OPS_IMPL=triton,ema_update_=cpp`). A glob
 the ops that have such a kernel (the EMA) and leaves the others on torch, saying so; forcing a path that
 is unavailable here (triton not importable, `d2v._C` not built, an op without that kernel) raises. Forced
 `triton` on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter; tests and CI use it).
-`ref` computes as the reference code does (a per-parameter EMA loop; per-clone targets by repeating the
-(B, T, D) targets M times, then indexing): the baseline of benchmarks/bench_train_step.py.
+`ref` computes as the reference code (fairseq data2vec 2.0) does, the baseline of
+benchmarks/bench_train_step.py: a per-parameter EMA loop; targets by fairseq's make_targets chain
+(`build_targets_fairseq`: per layer F.instance_norm over T on the transposed (B, D, T) tensor, average,
+final norm), which equals the torch reference within fp32 rounding, not bit for bit; per-clone targets by
+repeating the (B, T, D) targets M times, then indexing; the student gather and the decoder-input scatter
+as plain torch.gather / Tensor.scatter under autograd (no custom op, no custom backward).
 `backend()` and the trainer's start-up banner report what was chosen and why: no fallback is silent.
 
 Every op is a `torch.library` custom op in the `d2v` namespace with a fake (meta) implementation, so
@@ -124,7 +128,7 @@ def _choose() -> dict[str, dict]:
         if impl == "auto":
             table[op] = _auto(op)
         elif impl in ("torch", "ref"):
-            why = f"forced by {forced_by}" + (" (per-parameter reference loops)" if impl == "ref" else "")
+            why = f"forced by {forced_by}" + (" (as the fairseq reference computes it)" if impl == "ref" else "")
             table[op] = _entry(op, impl, why, impl, impl)
         elif impl not in _KERNELS[op]:  # a global cpp/cuda: only the EMA has such a kernel
             table[op] = _entry(op, "torch", f"{forced_by} has no {impl} kernel for {op}: torch reference",
@@ -262,8 +266,11 @@ _scatter_op.register_autograd(_scatter_bwd, setup_context=_scatter_setup)
 
 @torch.library.custom_op("d2v::build_targets", mutates_args=())
 def _targets_op(layers: list[torch.Tensor], instance_norm: bool, final_norm: str, eps: float) -> torch.Tensor:
-    if _route("build_targets", layers[0]) == "triton":
+    route = _route("build_targets", layers[0])
+    if route == "triton":
         return _kt.build_targets_triton(layers, instance_norm=instance_norm, final_norm=final_norm, eps=eps)
+    if route == "ref":  # fairseq's make_targets chain, op for op
+        return _kt.build_targets_fairseq(layers, instance_norm=instance_norm, final_norm=final_norm, eps=eps)
     return _kt.build_targets_ref(layers, instance_norm=instance_norm, final_norm=final_norm, eps=eps)
 
 
@@ -311,6 +318,8 @@ def masked_gather(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """x (B, T, D), ids_keep (B, K) int64 -> (B, K, D); differentiable in x. The rows of ids_keep hold
     distinct positions (as masks do): the fused backward writes, not adds, each position's gradient."""
     _kg.check_gather_args(x, ids_keep)
+    if _route("masked_gather", x) == "ref":  # the reference's torch.gather, autograd's own backward
+        return _kg.masked_gather_ref(x, ids_keep)
     return torch.ops.d2v.masked_gather(x, ids_keep, 1)
 
 
@@ -325,6 +334,8 @@ def masked_scatter(x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
     """Inverse of masked_gather: fill (B, T, D) with kept rows put back at ids_keep (B, K); the decoder
     input (kept tokens, noise at masked slots, original order) in one pass. Output in x_kept's dtype."""
     _kg.check_scatter_args(x_kept, ids_keep, fill)
+    if _route("masked_scatter", x_kept) == "ref":  # plain torch scatter, autograd's own backward
+        return _kg.masked_scatter_ref(x_kept, ids_keep, fill)
     return torch.ops.d2v.masked_scatter(x_kept, ids_keep, fill)
 
 

@@ -49,6 +49,37 @@ def build_targets_ref(
     return y
 
 
+def build_targets_fairseq(
+    layers: Sequence[torch.Tensor],
+    *,
+    instance_norm: bool = True,
+    final_norm: str = "none",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The reference's make_targets op for op (fairseq data2vec2.py), the `ref` path of d2v.ops and the
+    eager baseline of benchmarks/bench_build_targets.py: per layer transpose to (B, D, T), .float(),
+    F.instance_norm, transpose back; sum; divide; F.layer_norm or F.instance_norm of the average.
+    Same contract as build_targets_ref; equal to it within fp32 rounding (F.instance_norm reduces in
+    another order). A single time step (F.instance_norm refuses T = 1) normalizes to 0, as the ref does."""
+    _check(layers, final_norm)
+
+    def inorm(y_BTD):
+        if y_BTD.shape[1] == 1:
+            return torch.zeros_like(y_BTD)
+        return F.instance_norm(y_BTD.transpose(1, 2), eps=eps).transpose(1, 2)  # over T per (b, d)
+
+    ys = [inorm(t.float()) if instance_norm else t.float() for t in layers]
+    y = ys[0]
+    for t in ys[1:]:
+        y = y + t
+    y = y / len(ys)  # (B, T, D)
+    if final_norm == "layer":
+        y = F.layer_norm(y, y.shape[-1:], eps=eps)
+    elif final_norm == "instance":
+        y = inorm(y)
+    return y
+
+
 # ------------------------------------------------------------------------------------ Triton
 # One program per (sample b, channel tile): it holds the whole (T, BLOCK_D) strip of every layer in
 # registers, so each input element is read once: mean over T, centred variance (two passes over

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,6 +53,10 @@ def test_benchmark_writes_stamped_rows(script, tmp_path):
             assert math.isfinite(v) and v > 0, (script, k, r[k])
         if bench_name:
             assert r["bench"] == bench_name and r["case"].startswith("smoke")
+        else:  # zero: per-rank threads; ms_min and ms_median both over the per-step max across ranks
+            if not torch.cuda.is_available():  # on CPU the ranks split the cores
+                assert int(r["threads"]) == max(1, (os.cpu_count() or 2) // int(r["world"]))
+            assert float(r["ms_min"]) <= float(r["ms_median"])
     assert rows[0]["device"] in (tmp_path / f"{stem}.md").read_text()
     assert _snapshot() == before, "a smoke run wrote into benchmarks/results/"
 
@@ -60,3 +65,48 @@ def test_unknown_case_is_named():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"), "--cases", "vit_x", "--no-write"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode != 0 and "vit_x" in res.stderr
+
+
+def test_quick_writes_nothing_without_d2v_bench_results():
+    """--quick numbers mean nothing: without D2V_BENCH_RESULTS they are printed, not written."""
+    before = _snapshot()
+    env = {k: v for k, v in os.environ.items() if k != "D2V_BENCH_RESULTS"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"), "--quick"], capture_output=True,
+                         text=True, env=dict(env, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "not writing results" in res.stdout and str(common.RESULTS) in res.stdout
+    assert _snapshot() == before
+
+
+def test_append_csv_rotates_a_file_with_another_header(tmp_path):
+    path = tmp_path / "x.csv"
+    common.append_csv(path, ["a", "b"], [{"a": 1, "b": 2}])
+    common.append_csv(path, ["a", "b"], [{"a": 3, "b": 4}])
+    common.append_csv(path, ["a", "b", "c"], [{"a": 5, "c": 6}])
+    assert (tmp_path / "x.v1.csv").read_text().splitlines() == ["a,b", "1,2", "3,4"]
+    assert path.read_text().splitlines() == ["a,b,c", "5,,6"]
+    common.append_csv(path, ["a"], [{"a": 7}])
+    assert (tmp_path / "x.v2.csv").exists() and path.read_text().splitlines() == ["a", "7"]
+
+
+def test_git_sha_counts_untracked_files(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("ignored.txt\n")
+    git("add", ".gitignore")
+    git("commit", "-q", "-m", "init")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    (tmp_path / "ignored.txt").write_text("x")
+    assert not common.git_sha().endswith("-dirty")  # ignored files do not count
+    (tmp_path / "new_bench.py").write_text("x")
+    assert common.git_sha().endswith("-dirty")  # an uncommitted, untracked script does
+
+
+def test_quantiles_interpolate():
+    assert common.quantiles([5.0]) == (5.0, 5.0, 5.0)
+    med, p20, p80 = common.quantiles([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (med, p20, p80) == (3.0, pytest.approx(1.8), pytest.approx(4.2))  # numpy.percentile's default
+    assert common.within_noise((1, 2), (2, 3)) and not common.within_noise((1, 2), (2.5, 3))
