@@ -26,6 +26,24 @@ def _instance_norm_T(y_BTD: torch.Tensor, eps: float) -> torch.Tensor:
     return (y_BTD - mean) * torch.rsqrt(var + eps)
 
 
+def _average_of_normed(layers, norm, instance_norm: bool, final_norm: str, eps: float) -> torch.Tensor:
+    """The shared recipe of both references: each layer .float() and `norm`ed over T, summed in order,
+    divided by K, then the final norm (`norm` again for "instance")."""
+    _check(layers, final_norm)
+    acc = None
+    for y in layers:
+        y = y.float()
+        if instance_norm:
+            y = norm(y, eps)
+        acc = y if acc is None else acc + y
+    y = acc / len(layers)  # (B, T, D)
+    if final_norm == "layer":
+        y = F.layer_norm(y, y.shape[-1:], eps=eps)
+    elif final_norm == "instance":
+        y = norm(y, eps)
+    return y
+
+
 def build_targets_ref(
     layers: Sequence[torch.Tensor],
     *,
@@ -34,19 +52,13 @@ def build_targets_ref(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """layers: K tensors (B, T, D) of any float dtype -> float32 (B, T, D)."""
-    _check(layers, final_norm)
-    acc = None
-    for y in layers:
-        y = y.float()
-        if instance_norm:
-            y = _instance_norm_T(y, eps)
-        acc = y if acc is None else acc + y
-    y = acc / len(layers)  # (B, T, D)
-    if final_norm == "layer":
-        y = F.layer_norm(y, y.shape[-1:], eps=eps)
-    elif final_norm == "instance":
-        y = _instance_norm_T(y, eps)
-    return y
+    return _average_of_normed(layers, _instance_norm_T, instance_norm, final_norm, eps)
+
+
+def _fairseq_instance_norm_T(y_BTD: torch.Tensor, eps: float) -> torch.Tensor:
+    if y_BTD.shape[1] == 1:  # F.instance_norm refuses T = 1; the reference's statistics give 0
+        return torch.zeros_like(y_BTD)
+    return F.instance_norm(y_BTD.transpose(1, 2), eps=eps).transpose(1, 2)  # over T per (b, d)
 
 
 def build_targets_fairseq(
@@ -61,23 +73,7 @@ def build_targets_fairseq(
     F.instance_norm, transpose back; sum; divide; F.layer_norm or F.instance_norm of the average.
     Same contract as build_targets_ref; equal to it within fp32 rounding (F.instance_norm reduces in
     another order). A single time step (F.instance_norm refuses T = 1) normalizes to 0, as the ref does."""
-    _check(layers, final_norm)
-
-    def inorm(y_BTD):
-        if y_BTD.shape[1] == 1:
-            return torch.zeros_like(y_BTD)
-        return F.instance_norm(y_BTD.transpose(1, 2), eps=eps).transpose(1, 2)  # over T per (b, d)
-
-    ys = [inorm(t.float()) if instance_norm else t.float() for t in layers]
-    y = ys[0]
-    for t in ys[1:]:
-        y = y + t
-    y = y / len(ys)  # (B, T, D)
-    if final_norm == "layer":
-        y = F.layer_norm(y, y.shape[-1:], eps=eps)
-    elif final_norm == "instance":
-        y = inorm(y)
-    return y
+    return _average_of_normed(layers, _fairseq_instance_norm_T, instance_norm, final_norm, eps)
 
 
 # ------------------------------------------------------------------------------------ Triton
