@@ -110,6 +110,8 @@ def _auto(op: str) -> dict:
         mod, e_why = _ext.load()
         if not t_ok and mod is not None and mod.with_cuda:
             cuda, cuda_why = "cuda", f"CUDA tensors: CUDA multi-tensor kernel ({e_why}; {t_why})"
+        elif t_ok:  # both kernels compile to 16-byte accesses (tools/aot_check.py); no GPU timing decides yet
+            cuda_why += ", 16-byte vector loads on aligned tensors; the CUDA extension kernel is the fallback"
         if mod is not None:
             cpu, cpu_why = "cpp", f"CPU tensors: {e_why}, {_CPU_EMA_WHY}"
         else:

@@ -8,6 +8,7 @@ References: ../shared/ENV.md "Triton on CPU".
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -42,6 +43,9 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
     ok, why = status()
     if not ok:
         raise RuntimeError(f"{op}: the Triton path was requested but {why}")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"{op}: the tensors are on different devices {sorted(map(str, devices))}")
     for t in tensors:
         if t.is_cuda:
             continue
@@ -56,3 +60,9 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch on t's device: Triton launches on the *current* CUDA device, so tensors on
+    cuda:1 while cuda:0 is current would be read from the wrong device without this guard."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

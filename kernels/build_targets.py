@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -77,14 +78,24 @@ def build_targets_fairseq(
 
 
 # ------------------------------------------------------------------------------------ Triton
-# One program per (sample b, channel tile): it holds the whole (T, BLOCK_D) strip of every layer in
-# registers, so each input element is read once: mean over T, centred variance (two passes over
-# registers, not memory), normalize, accumulate in fp32, optional instance norm of the average, one fp32
-# write. final_norm="layer" needs whole rows (all D), so a second kernel normalizes the output rows in
-# place: traffic K*in + 4 (+8 for "layer") bytes per element instead of the reference's ~K*(in+16).
+# Two paths, chosen by sequence length (both: fp32 statistics, centred variance, one fp32 write):
+# - strip (T <= STRIP_MAX_T): one program per (sample b, channel tile) holds the whole (T, BLOCK_D) strip of
+#   each layer in registers, so every input element is read once (traffic K*in + 4 bytes per element).
+#   The K layers are unrolled (a tuple of pointers), so the tile is sized for 8 elements per thread
+#   (2048 per 8-warp program): larger tiles spill registers once the unrolled loads are hoisted (ptxas,
+#   sm_90: T=512 or K=18 with 16 elements per thread spilled 0.1-3 kB per thread; 8 per thread: none).
+# - split (longer T): a stats kernel writes per-(layer, sample, T-chunk, channel) partial sums and
+#   centred sums of squares, a combine kernel merges them (exact parallel-variance merge) into a mean and
+#   1/std per (layer, sample, channel), and an apply kernel normalizes, averages and writes (T-chunk,
+#   channel) tiles. Each input element is read twice (K*2*in + 4 bytes per element, plus 1/16 of that for
+#   the partials), but every program keeps a 64 x 32 tile, at any T: 16-byte loads, no spills.
+# final_norm="layer" needs whole rows (all D): a last kernel normalizes the output rows in place;
+# final_norm="instance" folds into the strip kernel, and on the split path takes partials of the average
+# from the apply kernel, one more combine and an in-place normalize.
 
-MAX_T = 4096  # the strip holds next_pow2(T) x BLOCK_D fp32 values; longer sequences use the torch path
-_TILE = 8192  # elements per strip (fp32 accumulator + the current layer)
+STRIP_MAX_T = 256  # next_pow2(T) rows per strip; 256 x 8 channels = 2048 elements, 8 per thread
+_STRIP_TILE = 2048
+_SPLIT_T, _SPLIT_D = 64, 32  # split-path tile: 64 time steps x 32 channels (64-128 contiguous bytes/row)
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,20 +119,131 @@ def _kernels():
         acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for i in tl.static_range(K):
             y = tl.load(layers[i] + offs, mask=m, other=0.0).to(tl.float32)
-            if INSTANCE:
+            if INSTANCE:  # over T per channel; biased variance, as F.instance_norm
                 mean = tl.sum(y, axis=0) / T  # (BLOCK_D,)
                 yc = tl.where(m, y - mean[None, :], 0.0)
-                var = tl.sum(yc * yc, axis=0) / T  # biased, as F.instance_norm
-                y = yc * tl.rsqrt(var + eps)[None, :]
+                y = yc * tl.rsqrt(tl.sum(yc * yc, axis=0) / T + eps)[None, :]
             acc += y
         acc = acc / K
         if FINAL_INSTANCE:
             mean = tl.sum(acc, axis=0) / T
             yc = tl.where(m, acc - mean[None, :], 0.0)
-            var = tl.sum(yc * yc, axis=0) / T
-            acc = yc * tl.rsqrt(var + eps)[None, :]
+            acc = yc * tl.rsqrt(tl.sum(yc * yc, axis=0) / T + eps)[None, :]
         dst = out_ptr + (b * T + t[:, None]) * D + d[None, :]
         tl.store(dst, acc, mask=m)
+
+    @triton.jit
+    def stats_kernel(
+        layers,  # tuple of K pointers, each (B, T, D), shared strides
+        part_ptr,  # (2, K, B, S, D) fp32: per T-chunk sum, centred sum of squares
+        T, D, S, s_b, s_t, s_d,
+        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(2)
+        B = tl.num_programs(0)
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < D
+        m = (t < T)[:, None] & dm[None, :]
+        n = tl.minimum(T - c * BLOCK_T, BLOCK_T).to(tl.float32)
+        offs = b * s_b + t[:, None].to(tl.int64) * s_t + d[None, :] * s_d
+        plane = K * B * S * D  # elements per statistic
+        for i in tl.static_range(K):
+            y = tl.load(layers[i] + offs, mask=m, other=0.0).to(tl.float32)
+            s = tl.sum(y, axis=0)  # (BLOCK_D,) chunk sum, then the sum of squares about the chunk mean
+            yc = tl.where(m, y - (s / n)[None, :], 0.0)
+            m2 = tl.sum(yc * yc, axis=0)
+            p = part_ptr + ((i * B + b) * S + c) * D + d
+            tl.store(p, s, mask=dm)
+            tl.store(p + plane, m2, mask=dm)
+
+    @triton.jit
+    def combine_kernel(
+        part_ptr,  # (2, L, S, D) fp32 partials (L = layers x samples)
+        stat_ptr,  # (2, L, D) fp32 out: mean, 1/sqrt(var + eps)
+        T, D, S, L, eps,
+        CHUNK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        l_ = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < D
+        total = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # pass 1: the mean
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = (s < S)[:, None] & dm[None, :]
+            total += tl.sum(tl.load(part_ptr + (l_ * S + s[:, None]) * D + d[None, :], mask=m, other=0.0), 0)
+        mean = total / T
+        m2 = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # pass 2: sum of (chunk M2 + n_c (chunk mean - mean)^2)
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = (s < S)[:, None] & dm[None, :]
+            p = part_ptr + (l_ * S + s[:, None]) * D + d[None, :]
+            cs = tl.load(p, mask=m, other=0.0)
+            cm2 = tl.load(p + L * S * D, mask=m, other=0.0)
+            n = tl.maximum(tl.minimum(T - s * CHUNK_T, CHUNK_T), 1).to(tl.float32)[:, None]
+            dev = tl.where(m, cs / n - mean[None, :], 0.0)
+            m2 += tl.sum(cm2 + n * dev * dev, 0)
+        q = stat_ptr + l_ * D + d
+        tl.store(q, mean, mask=dm)
+        tl.store(q + L * D, tl.rsqrt(m2 / T + eps), mask=dm)
+
+    @triton.jit
+    def apply_kernel(
+        layers,  # tuple of K pointers, each (B, T, D), shared strides
+        stat_ptr,  # (2, K, B, D) fp32: mean, 1/std per layer (if INSTANCE)
+        out_ptr,  # (B, T, D) fp32 contiguous
+        part_ptr,  # (2, 1, B, S, D) fp32: partials of the average (if FINAL_INSTANCE)
+        T, D, S, s_b, s_t, s_d,
+        K: tl.constexpr, INSTANCE: tl.constexpr, FINAL_INSTANCE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(2)
+        B = tl.num_programs(0)
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < D
+        m = (t < T)[:, None] & dm[None, :]
+        offs = b * s_b + t[:, None].to(tl.int64) * s_t + d[None, :] * s_d
+        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for i in tl.static_range(K):
+            y = tl.load(layers[i] + offs, mask=m, other=0.0).to(tl.float32)
+            if INSTANCE:
+                q = stat_ptr + (i * B + b) * D + d
+                mean = tl.load(q, mask=dm, other=0.0)
+                rstd = tl.load(q + K * B * D, mask=dm, other=0.0)
+                y = tl.where(m, (y - mean[None, :]) * rstd[None, :], 0.0)
+            acc += y
+        acc = acc / K
+        tl.store(out_ptr + (b * T + t[:, None]) * D + d[None, :], acc, mask=m)
+        if FINAL_INSTANCE:
+            n = tl.minimum(T - c * BLOCK_T, BLOCK_T).to(tl.float32)
+            s = tl.sum(acc, axis=0)
+            yc = tl.where(m, acc - (s / n)[None, :], 0.0)
+            m2 = tl.sum(yc * yc, axis=0)
+            p = part_ptr + (b * S + c) * D + d
+            tl.store(p, s, mask=dm)
+            tl.store(p + B * S * D, m2, mask=dm)
+
+    @triton.jit
+    def normalize_kernel(
+        y_ptr,  # (B, T, D) fp32 contiguous, instance-normed over T in place
+        stat_ptr,  # (2, B, D) fp32: mean, 1/std
+        T, D,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        B = tl.num_programs(0)
+        t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < D
+        m = (t < T)[:, None] & dm[None, :]
+        mean = tl.load(stat_ptr + b * D + d, mask=dm, other=0.0)
+        rstd = tl.load(stat_ptr + (B + b) * D + d, mask=dm, other=0.0)
+        p = y_ptr + (b * T + t[:, None]) * D + d[None, :]
+        y = tl.load(p, mask=m, other=0.0)
+        tl.store(p, (y - mean[None, :]) * rstd[None, :], mask=m)
 
     @triton.jit
     def layer_norm_rows_kernel(
@@ -139,7 +261,8 @@ def _kernels():
         var = tl.sum(yc * yc, axis=1) / D
         tl.store(p, yc * tl.rsqrt(var + eps)[:, None], mask=m)
 
-    return targets_kernel, layer_norm_rows_kernel
+    return SimpleNamespace(targets=targets_kernel, stats=stats_kernel, combine=combine_kernel,
+                           apply=apply_kernel, normalize=normalize_kernel, layer_norm_rows=layer_norm_rows_kernel)
 
 
 def _check(layers: Sequence[torch.Tensor], final_norm: str) -> None:
@@ -153,6 +276,16 @@ def _check(layers: Sequence[torch.Tensor], final_norm: str) -> None:
             raise ValueError(f"layer {i} has shape {tuple(y.shape)}, expected (B, T, D) = {tuple(shape)}")
 
 
+def _combine(k, part: torch.Tensor, T: int, D: int, S: int, L: int, eps: float) -> torch.Tensor:
+    """(2, L, S, D) partials -> (2, L, D) mean and 1/std."""
+    stats = part.new_empty(2, L, D)
+    block_s = min(_triton.next_pow2(S), 64)
+    block_d = min(_triton.next_pow2(D), 64)
+    k.combine[(L, -(-D // block_d))](part, stats, T, D, S, L, eps, CHUNK_T=_SPLIT_T, BLOCK_S=block_s,
+                                     BLOCK_D=block_d, num_warps=4)
+    return stats
+
+
 def build_targets_triton(
     layers: Sequence[torch.Tensor],
     *,
@@ -160,35 +293,51 @@ def build_targets_triton(
     final_norm: str = "none",
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Fused target builder: one kernel (two with final_norm="layer"); same contract as the reference.
-    Layers may be strided views (e.g. CLS stripped); views with differing strides are copied once."""
+    """Fused target builder: same contract as the reference. Layers may be strided views (e.g. CLS
+    stripped); views with differing strides or dtypes are made alike once (a copy)."""
     _check(layers, final_norm)
     _triton.check_launchable("build_targets", *layers)
     for y in layers:
         if y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"build_targets: the Triton path reads fp32/bf16/fp16 layers, got {y.dtype}")
     B, T, D = layers[0].shape
-    if T > MAX_T:
-        raise ValueError(f"build_targets: the Triton path holds T <= {MAX_T} tokens per program, got T={T}; "
-                         f"set D2V_OPS_IMPL=torch for longer sequences")
     out = torch.empty(B, T, D, dtype=torch.float32, device=layers[0].device)
     if out.numel() == 0:
         return out
+    if any(y.dtype != layers[0].dtype for y in layers):
+        layers = [y.float() for y in layers]
     if any(y.stride() != layers[0].stride() for y in layers):
         layers = [y.contiguous() for y in layers]
-    targets_kernel, layer_norm_rows_kernel = _kernels()
-    block_t = _triton.next_pow2(T)
-    block_d = max(1, min(_triton.next_pow2(D), _TILE // block_t, 64))
-    warps = 8 if block_t * block_d >= 4096 else 4
-    targets_kernel[(B, -(-D // block_d))](
-        tuple(layers), out, T, D, *layers[0].stride(), eps,
-        K=len(layers), INSTANCE=instance_norm, FINAL_INSTANCE=final_norm == "instance",
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
-    )
-    if final_norm == "layer":
-        block_dd = _triton.next_pow2(D)
-        block_r = max(1, min(4096 // block_dd, _triton.next_pow2(B * T), 64))
-        layer_norm_rows_kernel[(-(-(B * T) // block_r),)](
-            out, B * T, D, eps, BLOCK_R=block_r, BLOCK_D=block_dd, num_warps=8 if block_dd >= 2048 else 4
-        )
+    k, K, strides = _kernels(), len(layers), layers[0].stride()
+    with _triton.on_device(out):
+        if T <= STRIP_MAX_T:
+            block_t = _triton.next_pow2(T)
+            block_d = max(1, min(_triton.next_pow2(D), _STRIP_TILE // block_t, 64))
+            k.targets[(B, -(-D // block_d))](
+                tuple(layers), out, T, D, *strides, eps,
+                K=K, INSTANCE=instance_norm, FINAL_INSTANCE=final_norm == "instance",
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 2048 else 4,
+            )
+        else:
+            S = -(-T // _SPLIT_T)
+            grid = (B, -(-D // _SPLIT_D), S)
+            stats = out  # unused placeholder when there is no instance norm
+            if instance_norm:
+                part = out.new_empty(2, K, B, S, D)
+                k.stats[grid](tuple(layers), part, T, D, S, *strides, K=K, BLOCK_T=_SPLIT_T, BLOCK_D=_SPLIT_D,
+                              num_warps=8)
+                stats = _combine(k, part, T, D, S, K * B, eps)
+            final_instance = final_norm == "instance"
+            part_avg = out.new_empty(2, 1, B, S, D) if final_instance else out
+            k.apply[grid](tuple(layers), stats, out, part_avg, T, D, S, *strides, K=K, INSTANCE=instance_norm,
+                          FINAL_INSTANCE=final_instance, BLOCK_T=_SPLIT_T, BLOCK_D=_SPLIT_D, num_warps=8)
+            if final_instance:
+                stats_avg = _combine(k, part_avg, T, D, S, B, eps)
+                k.normalize[grid](out, stats_avg, T, D, BLOCK_T=_SPLIT_T, BLOCK_D=_SPLIT_D, num_warps=8)
+        if final_norm == "layer":
+            block_dd = _triton.next_pow2(D)
+            block_r = max(1, min(4096 // block_dd, _triton.next_pow2(B * T), 64))
+            k.layer_norm_rows[(-(-(B * T) // block_r),)](
+                out, B * T, D, eps, BLOCK_R=block_r, BLOCK_D=block_dd, num_warps=8 if block_dd >= 2048 else 4
+            )
     return out

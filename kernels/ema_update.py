@@ -48,10 +48,6 @@ def check_ema_args(
                                  f"{e.device}, got {o.dtype} {tuple(o.shape)} on {o.device}")
 
 
-# kept for callers of the earlier name
-_check = check_ema_args
-
-
 @torch.no_grad()
 def ema_update_ref_(
     ema_params: Sequence[torch.Tensor],
@@ -88,6 +84,7 @@ def ema_update_foreach_(
 
 CHUNK = 1 << 16  # elements per program; a program loops over its chunk in BLOCK steps
 BLOCK = 2048
+ALIGN = 16  # elements: the aligned launch covers numel // 16 * 16 of each 16-byte-aligned tensor
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,17 +98,24 @@ def _kernels():
         ema_addr_ptr,  # (n,) int64 addresses of fp32 ema tensors
         par_addr_ptr,  # (n,) int64 addresses of params (PAR_TY)
         low_addr_ptr,  # (n,) int64 addresses of low-precision copies (LOW_TY), if HAS_LOW
-        numel_ptr,  # (n,) int64
+        end_ptr,  # (n,) int64: where this launch stops in each tensor
         w,  # 1 - decay
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
         PAR_TY: tl.constexpr, LOW_TY: tl.constexpr, HAS_LOW: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         c = tl.program_id(0)
         i = tl.load(chunks_ptr + 2 * c)
         start = tl.load(chunks_ptr + 2 * c + 1)
-        end = tl.minimum(start + CHUNK, tl.load(numel_ptr + i))
+        end = tl.minimum(start + CHUNK, tl.load(end_ptr + i))
         e_ptr = tl.load(ema_addr_ptr + i).to(tl.pointer_type(tl.float32), bitcast=True)
         p_ptr = tl.load(par_addr_ptr + i).to(tl.pointer_type(PAR_TY), bitcast=True)
+        l_ptr = tl.load(low_addr_ptr + i).to(tl.pointer_type(LOW_TY), bitcast=True)
+        if ALIGNED:  # the host put only 16-byte-aligned tensors and 16-element bounds here: 16-byte accesses
+            start = tl.multiple_of(start, 16)
+            end = tl.multiple_of(end, 16)
+            e_ptr = tl.multiple_of(e_ptr, 16)
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            l_ptr = tl.multiple_of(l_ptr, 16)
         for o in range(start, end, BLOCK):
             offs = o + tl.arange(0, BLOCK)
             m = offs < end
@@ -120,7 +124,6 @@ def _kernels():
             e = e + w * (p - e)
             tl.store(e_ptr + offs, e, mask=m)
             if HAS_LOW:
-                l_ptr = tl.load(low_addr_ptr + i).to(tl.pointer_type(LOW_TY), bitcast=True)
                 if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even by hand
                     u = e.to(tl.uint32, bitcast=True)
                     u = tl.where(e != e, 0x7FC0, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
@@ -131,24 +134,35 @@ def _kernels():
     return ema_kernel
 
 
-_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_TABLES: dict[tuple, list[tuple]] = {}
 
 
-def _tables(ema, par, low, chunk):
+def _launches(ema, par, low, chunk):
+    """Device tables for up to two launches over the same tensors: an ALIGNED one over the first
+    numel // 16 * 16 elements of every tensor whose three addresses are 16-byte aligned, and a plain one
+    over the rest (those tensors' tails, and unaligned tensors whole). Cached per list of addresses
+    (parameters do not move), so the host-to-device copy happens on the first step only."""
     key = (tuple(t.data_ptr() for t in ema), tuple(t.data_ptr() for t in par),
            tuple(t.data_ptr() for t in low) if low is not None else None,
            tuple(t.numel() for t in ema), chunk, ema[0].device)
     hit = _TABLES.get(key)
-    if hit is None:
-        numel = [t.numel() for t in ema]
-        chunks = [(i, s) for i, n in enumerate(numel) for s in range(0, n, chunk)]
-        dev = ema[0].device
-        as_t = lambda v: torch.tensor(v, dtype=torch.int64).to(dev)  # noqa: E731
-        hit = (as_t(chunks).view(-1, 2), as_t([t.data_ptr() for t in ema]), as_t([t.data_ptr() for t in par]),
-               as_t([t.data_ptr() for t in low] if low is not None else [0] * len(ema)), as_t(numel))
-        if len(_TABLES) > 64:  # a few live parameter lists per process; do not grow without bound
-            _TABLES.clear()
-        _TABLES[key] = hit
+    if hit is not None:
+        return hit
+    dev = ema[0].device
+    as_t = lambda v: torch.tensor(v, dtype=torch.int64).to(dev)  # noqa: E731
+    addrs = [[t.data_ptr() for t in ts] for ts in (ema, par, low if low is not None else ema)]
+    numel = [t.numel() for t in ema]
+    aligned = [all(a[i] % 16 == 0 for a in addrs) for i in range(len(ema))]
+    split = [n // ALIGN * ALIGN if ok else 0 for n, ok in zip(numel, aligned)]  # aligned part's end
+    ea, pa, la = (as_t(a) for a in addrs)
+    hit = []
+    for is_aligned, first, end in ((True, [0] * len(ema), split), (False, split, numel)):
+        chunks = [(i, s) for i in range(len(ema)) for s in range(first[i], end[i], chunk)]
+        if chunks:
+            hit.append((is_aligned, as_t(chunks).view(-1, 2), ea, pa, la, as_t(end)))
+    if len(_TABLES) > 64:  # a few live parameter lists per process; do not grow without bound
+        _TABLES.clear()
+    _TABLES[key] = hit
     return hit
 
 
@@ -161,10 +175,13 @@ def ema_update_triton_(
     *,
     chunk: int = CHUNK,
 ) -> None:
-    """Fused multi-tensor EMA: one launch per param dtype over all chunks of all tensors."""
+    """Fused multi-tensor EMA: per param dtype, one launch over the 16-byte-aligned bulk of all tensors
+    (vector loads) and, only if some tensor is unaligned or not a multiple of 16 long, one over the rest."""
     check_ema_args(ema_params, params, out_lowp)
     if not ema_params:
         return
+    if chunk % ALIGN:
+        raise ValueError(f"ema_update_: chunk must be a multiple of {ALIGN}, got {chunk}")
     _triton.check_launchable("ema_update_", ema_params[0])
     import triton.language as tl
 
@@ -179,14 +196,16 @@ def ema_update_triton_(
         if e.numel():
             groups.setdefault((p.dtype, out_lowp[i].dtype if out_lowp is not None else None), []).append(i)
     kernel = _kernels()
-    for (pdt, ldt), idx in groups.items():
-        ema = [ema_params[i] for i in idx]
-        par = [params[i] for i in idx]
-        low = [out_lowp[i] for i in idx] if out_lowp is not None else None
-        chunks, ea, pa, la, numel = _tables(ema, par, low, chunk)
-        kernel[(chunks.shape[0],)](
-            chunks, ea, pa, la, numel, 1.0 - float(decay),
-            CHUNK=chunk, BLOCK=min(BLOCK, _triton.next_pow2(chunk)), PAR_TY=tl_ty[pdt],
-            LOW_TY=tl_ty[ldt] if ldt is not None else tl.bfloat16, HAS_LOW=ldt is not None,
-            ROUND_BF16=_triton.interpreting() and ldt == torch.bfloat16, num_warps=8,
-        )
+    with _triton.on_device(ema_params[0]):
+        for (pdt, ldt), idx in groups.items():
+            ema = [ema_params[i] for i in idx]
+            par = [params[i] for i in idx]
+            low = [out_lowp[i] for i in idx] if out_lowp is not None else None
+            for aligned, chunks, ea, pa, la, end in _launches(ema, par, low, chunk):
+                kernel[(chunks.shape[0],)](
+                    chunks, ea, pa, la, end, 1.0 - float(decay),
+                    CHUNK=chunk, BLOCK=min(BLOCK, _triton.next_pow2(chunk)), ALIGNED=aligned,
+                    PAR_TY=tl_ty[pdt], LOW_TY=tl_ty[ldt] if ldt is not None else tl.bfloat16,
+                    HAS_LOW=ldt is not None, ROUND_BF16=_triton.interpreting() and ldt == torch.bfloat16,
+                    num_warps=8,
+                )

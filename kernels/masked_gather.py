@@ -196,9 +196,10 @@ def gather_triton(x_BTD: torch.Tensor, ids_RK: torch.Tensor, clones: int = 1) ->
         return out
     gather_kernel, _, _ = _kernels()
     block_k, block_d = _tiles(K, D)
-    gather_kernel[(R, -(-K // block_k))](
-        x_BTD, ids_RK, out, K, D, clones, *x_BTD.stride(), *ids_RK.stride(), BLOCK_K=block_k, BLOCK_D=block_d
-    )
+    with _triton.on_device(out):
+        gather_kernel[(R, -(-K // block_k))](
+            x_BTD, ids_RK, out, K, D, clones, *x_BTD.stride(), *ids_RK.stride(), BLOCK_K=block_k, BLOCK_D=block_d
+        )
     return out
 
 
@@ -209,7 +210,8 @@ def inverse_map_triton(ids_RK: torch.Tensor, T: int) -> torch.Tensor:
     inv = torch.full((R, T), -1, dtype=torch.int32, device=ids_RK.device)
     if R and K:
         block_k = min(_triton.next_pow2(K), 1024)
-        invert_kernel[(R, -(-K // block_k))](ids_RK, inv, K, T, *ids_RK.stride(), BLOCK_K=block_k)
+        with _triton.on_device(inv):
+            invert_kernel[(R, -(-K // block_k))](ids_RK, inv, K, T, *ids_RK.stride(), BLOCK_K=block_k)
     return inv
 
 
@@ -221,11 +223,12 @@ def _scatter_launch(src, inv, fill, out):
     block_t, block_d = _tiles(T, D)
     ss = src.stride() if src is not None else (0, 0, 0)
     sf = fill.stride() if fill is not None else (0, 0, 0)
-    scatter_kernel[(R, -(-T // block_t))](
-        src if src is not None else out, inv, fill if fill is not None else out, out, T, D, *ss, *sf,
-        HAS_SRC=src is not None, HAS_FILL=fill is not None, BLOCK_T=block_t, BLOCK_D=block_d,
-        ROUND_BF16=_triton.interpreting() and fill is not None and fill.dtype != out.dtype == torch.bfloat16,
-    )
+    with _triton.on_device(out):
+        scatter_kernel[(R, -(-T // block_t))](
+            src if src is not None else out, inv, fill if fill is not None else out, out, T, D, *ss, *sf,
+            HAS_SRC=src is not None, HAS_FILL=fill is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+            ROUND_BF16=_triton.interpreting() and fill is not None and fill.dtype != out.dtype == torch.bfloat16,
+        )
     return out
 
 
