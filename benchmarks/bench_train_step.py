@@ -23,6 +23,9 @@ Variants (each row changes only what its name says, relative to `d2v`):
   d2v1           data2vec 1.0-style: full-length student with mask embedding, one mask per sample
                  (M times the samples), linear head instead of the decoder, no CLS loss, eager ops
                  and attention; same precision and the same masks (mask_prob) as d2v
+  compile        d2v with train.compile=true: the step's forward + backward under torch.compile
+                 (inductor); the compilation runs in the untimed first step. Not in the CPU default
+                 (inductor's C++ build takes minutes there): ask for it with --variants
 Throughput is counted in training views: a view is one masked copy of a sample that the student
 encodes (d2v: M per sample, d2v1: one). `views_per_s` is what the speedups compare, because every
 variant trains on the same number of views per step; `samples_per_s` and the modality's unit (images,
@@ -69,7 +72,8 @@ FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "
           "params_m", "ms_median", "ms_p20", "ms_p80", "warmup", "repeats", "steps", "rounds", "views_per_s",
           "samples_per_s", "unit", "unit_per_s", "gflop_per_step", "mfu", "peak_mib", "peak_kind", "d2v_speedup",
           "set", "note"]
-VARIANTS = ["d2v", "no_fused_ops", "no_mask_skip", "no_multi_mask", "no_sdpa", "no_bf16", "ref_eager_2.0", "d2v1"]
+VARIANTS = ["d2v", "no_fused_ops", "no_mask_skip", "no_multi_mask", "no_sdpa", "no_bf16", "ref_eager_2.0",
+            "d2v1", "compile"]
 UNITS = {"image": "images/s", "audio": "audio_s/s", "text": "tokens/s"}
 NUMERIC = ["params_m", "ms_median", "ms_p20", "ms_p80", "views_per_s", "samples_per_s", "unit_per_s",
            "gflop_per_step", "mfu", "peak_mib", "d2v_speedup"]  # NaN in the row of a failed variant
@@ -109,6 +113,8 @@ def variant_spec(name: str, B: int, M: int, cuda: bool) -> dict | None:
         spec.update(ops="ref", batch=B * M, clones=1)
         o.update({"model.skip_masked": "false", "model.head": "linear", "model.attention": "eager",
                   "objective.cls_loss": "0"})
+    elif name == "compile":
+        o["train.compile"] = "true"
     elif name != "d2v":
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     o["masking.clone_batch"] = spec["clones"]
@@ -236,7 +242,7 @@ def run_worker(spec: dict) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    out = step()  # first step: allocations, kernel selection / compilation
+    out = step()  # first step: allocations, kernel selection / compilation (torch.compile: the graphs)
     if not math.isfinite(float(out["loss"])):
         raise FloatingPointError(f"{spec['variant']}: non-finite loss {float(out['loss'])}")
     with flop_counter() as fc:
@@ -397,7 +403,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modalities", nargs="+", default=["image", "audio", "text"], choices=["image", "audio", "text"])
     ap.add_argument("--flavors", nargs="+", default=["tiny"], help="recipes configs/<flavor>_<modality>.yaml")
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                    help="rows to run (default: all; on CPU all but compile, a minutes-long build)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=0, help="samples per step of the d2v row (0: the recipe's)")
     ap.add_argument("--clones", type=int, default=0, help="masks per sample M of the d2v row (0: the recipe's)")
@@ -421,6 +428,7 @@ def main(argv=None) -> int:
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
+    a.variants = a.variants or [v for v in VARIANTS if cuda or v != "compile"]
     user = _user_overrides(a.set)
     warmup = 0 if a.quick else (a.warmup or (10 if cuda else 2))
     repeats = 1 if a.quick else (a.repeats or (5 if cuda else 3))

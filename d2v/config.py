@@ -210,6 +210,9 @@ class OptimConfig:
             raise ConfigError(f"{p}.warmup_steps must be >= 0")
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     max_steps: int = 375300  # optimizer steps
@@ -223,9 +226,14 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     probe_after: bool = True  # run the linear probe when pretraining ends
+    compile: bool = False  # torch.compile the step's forward + backward (single-process engine)
+    compile_mode: str = "default"  # torch.compile mode: "default" | "max-autotune-no-cudagraphs"
 
     def validate(self, p: str = "train") -> None:
         _choice(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
+        # CUDA-graph modes ("reduce-overhead", "max-autotune") are not offered: untested on a GPU, and
+        # audio batches change length (a graph recorded per shape)
+        _choice(f"{p}.compile_mode", self.compile_mode, COMPILE_MODES)
         for k in ("max_steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{p}.{k} must be >= 1, got {getattr(self, k)}")
@@ -459,9 +467,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return out
 
 
-# keys that may differ between a checkpoint's config and the resuming run's (they change no numerics)
+# keys that may differ between a checkpoint's config and the resuming run's (they change no numerics,
+# except float rounding: train.num_threads and train.compile reorder reductions)
 RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
+                     "train.compile", "train.compile_mode",
                      "data.num_workers", "probe.pool", "probe.shots", "probe.seed",
                      "engine.ds_config", "engine.max_nonfinite_steps", "engine.activation_checkpointing",
                      "engine.name"}

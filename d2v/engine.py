@@ -284,6 +284,10 @@ class DeepSpeedTrainer(Trainer):
     deepspeed = True
 
     def _init_world(self) -> None:
+        if self.cfg.train.compile:
+            raise ConfigError("train.compile: the DeepSpeed engine does not compile the step (ZeRO's "
+                              "parameter hooks are untested under torch.compile); use engine.name=single "
+                              "or train.compile=false")
         self.rank, self.world_size = init_distributed()
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -317,37 +321,48 @@ class DeepSpeedTrainer(Trainer):
     nonfinite_in_a_row = 0
 
     def _train_step(self, it):
-        """One optimizer step over engine.grad_accum_steps micro-batches. A non-finite loss on any rank
-        (all ranks agree through one tiny all-reduce per micro-batch) drops the whole step: the window
-        still runs to its end through DeepSpeed (each micro-batch: forward, backward, engine.step(), a
-        bad window backpropagating 0 x loss from then on), so DeepSpeed's accumulation bookkeeping stays
-        aligned and it clears the gradients as usual, but the update itself is not applied
-        (`_no_update`). The step's batches are consumed; it counts as skipped and toward
-        engine.max_nonfinite_steps in a row."""
+        """One optimizer step over engine.grad_accum_steps micro-batches.
+
+        A non-finite loss on any rank drops the whole step, with no host sync per micro-batch: each rank
+        keeps a device flag (every loss of the window so far finite here) and, from its first non-finite
+        loss on, backpropagates zero instead (torch.where: no NaN enters through the loss). After the
+        window's last backward, one all-reduce of the flags and one host read (`_finite_on_all_ranks`)
+        decide on every rank alike whether the boundary's engine.step() applies the update; a dropped
+        step still runs it (reduce, clip, clear the gradients, so DeepSpeed's bookkeeping stays aligned)
+        with the update suppressed (`_no_update`). Its batches are consumed; it counts as skipped and
+        toward engine.max_nonfinite_steps in a row.
+
+        That read is the one host sync per optimizer step, and one is the floor with DeepSpeed's API:
+        whether the client optimizer runs must be decided in Python before engine.step() calls it (for
+        bf16/fp32 DeepSpeed has no skip of its own; its fp16 overflow skip would also lower the loss
+        scale), and engine.step() itself reads the gradient norm or overflow flag on the host right after
+        (ZeRO 1-2), so the device is drained at that point anyway."""
         lr = lr_at(self.step, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        n, out, bad = 0, None, None  # bad: this rank's loss on the first micro-batch that was non-finite
+        n, out = 0, None
+        ok = shown = None  # () on the device: all losses so far finite on this rank; the loss a skip reports
         for i in range(self.micro_steps):
             source, mask = self._next_batch(it)
             with self.autocast, self._teacher_params():
                 out = self.engine(source, mask)
             loss = out["loss"]
-            if not self._finite_on_all_ranks(loss) and bad is None:
-                bad = float(loss.detach())
-            if bad is not None:  # a backward still runs (DeepSpeed reduces at the boundary's); its
-                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # grads are dropped
-            self.engine.backward(loss)
-            if bad is not None and i == self.micro_steps - 1:  # the boundary: DeepSpeed's optimizer step
-                with self._no_update():
-                    self.engine.step()
-            else:
-                self.engine.step()
+            finite = torch.isfinite(loss.detach())
+            # reported if the step is dropped: this rank's first non-finite loss, else its last one
+            shown = loss.detach() if shown is None else torch.where(ok, loss.detach(), shown)
+            ok = finite if ok is None else ok & finite
+            # identical to `loss` (and its gradient) while ok; a zero loss from the first non-finite one on
+            self.engine.backward(torch.where(ok, loss, torch.zeros_like(loss)))
             n += source.shape[0]
-        if bad is not None:
+            if i < self.micro_steps - 1:
+                self.engine.step()  # inside the window: DeepSpeed only counts the micro-batch
+        if not self._finite_on_all_ranks(ok):
+            with self._no_update():
+                self.engine.step()  # the boundary: gradients reduced and cleared, no update
             self.skipped_steps += 1
-            self._count_nonfinite(bad)
+            self._count_nonfinite(float(shown))  # host read on a skipped step only
             return None, None, lr, n
+        self.engine.step()  # the boundary: DeepSpeed's optimizer step
         self.nonfinite_in_a_row = 0
         if not self.engine.was_step_applied():  # fp16 overflow: DeepSpeed skipped it, lowered the scale
             self.skipped_steps += 1
@@ -373,8 +388,10 @@ class DeepSpeedTrainer(Trainer):
             for o in opts:
                 del o.step
 
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).float().reshape(1)  # (1,) on the loss's device (NCCL: CUDA)
+    def _finite_on_all_ranks(self, ok: torch.Tensor) -> bool:
+        """Collective: True when every rank's flag `ok` (a () bool on this rank's device: NCCL reduces
+        CUDA tensors only) is True. Its .item() is the optimizer step's one host sync."""
+        flag = ok.float().reshape(1)  # (1,)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 

@@ -5,6 +5,11 @@ Exact resume: the model, teacher, optimizer, step and RNG states are checkpointe
 masks are a pure function of (seed, epoch, sample index) and the batch sampler restarts at the saved
 step, so a resumed run sees the same batches and noise as an uninterrupted one.
 
+No host sync in the hot loop: batches arrive with their mask indices (built in the loader
+workers), in pinned memory on CUDA, and are copied asynchronously; device values are read only on
+log steps (the DeepSpeed engine adds one finiteness flag per optimizer step; tests/test_no_host_sync.py
+holds both trainers to that).
+
 References: fairseq trainer.py / cosine_lr_scheduler.py; torchtitan trainer.py (no host sync in the
 hot loop: metrics are read only on log steps).
 """
@@ -23,7 +28,6 @@ from d2v import ops
 from d2v.checkpoint import checkpoint_root, load_checkpoint, resolve_checkpoint, save_checkpoint
 from d2v.config import Config, ConfigError, EngineConfig, check_resume_config
 from d2v.ema import EMATeacher
-from d2v.masking import make_maskinfo
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from d2v.model import STAT_KEYS
 from d2v.registry import build_model
@@ -92,6 +96,25 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """`model` under torch.compile (train.compile): its forward is the whole step's computation
+    (student, EMA teacher, targets, loss) and its backward is compiled with it (AOTAutograd); the
+    d2v.ops custom ops trace as opaque nodes (fake implementations). The model itself is unchanged
+    (the returned wrapper shares its parameters; state dicts keep their keys).
+
+    Random ops (decoder noise, dropout) stay on torch's own generator (inductor's fallback_random), so
+    a compiled step draws the same noise as an eager one: losses agree up to float reassociation, and
+    a checkpoint's RNG state resumes the same stream with compile on or off.
+
+    The optimizer step, gradient clipping and the EMA update stay outside: the EMA is one fused op
+    already (nothing to fuse it with), and writing the teacher's parameters inside the graph that reads
+    them would only add functionalization copies."""
+    import torch._inductor
+
+    options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
+    return torch.compile(model, options=options)
+
+
 def step_mode(cfg) -> str:
     """How the step computes (the data2vec 2.0 default or the benchmark / 1.0 modes), for the banner."""
     m = cfg.model
@@ -100,7 +123,9 @@ def step_mode(cfg) -> str:
     else:
         student = "full-length student + mask embedding"
     head = "linear head (data2vec 1.0)" if m.head == "linear" else "conv decoder"
-    return f"{student}, {head}, {m.attention} attention, {cfg.masking.clone_batch} mask(s) per sample"
+    compiled = f", torch.compile ({cfg.train.compile_mode})" if cfg.train.compile else ""
+    return (f"{student}, {head}, {m.attention} attention, {cfg.masking.clone_batch} mask(s) per sample"
+            f"{compiled}")
 
 
 # engine.* keys that only the DeepSpeed engine (d2v/engine.py) implements
@@ -163,7 +188,8 @@ class Trainer:
 
         self.source_key = SOURCE_KEY[self.cfg.model.modality]
         self.dataset, self.loader = build_pretrain_data(self.cfg, start_step=self.data_position(),
-                                                        rank=self.rank, world_size=self.world_size)
+                                                        rank=self.rank, world_size=self.world_size,
+                                                        pin_memory=self.device.type == "cuda")
         self.bad_files = {p for p, _ in getattr(self.dataset, "bad_files", [])}
 
     # --------------------------------------------------------------------------------- engine hooks
@@ -189,11 +215,19 @@ class Trainer:
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
+        # what the step calls: the model, or the model under torch.compile (train.compile)
+        self.forward = compile_model(self.model, cfg.train.compile_mode) if cfg.train.compile else self.model
 
     def _next_batch(self, it) -> tuple[torch.Tensor, "object"]:
+        """The next batch on the device: source (B, ...) and its MaskInfo over B*M rows. The mask
+        indices come with the batch (built in the loader workers); on CUDA both are in pinned memory,
+        so these copies are asynchronous (no host stall)."""
         batch = next(it)
         self.bad_files.update(batch.get("bad", []))
-        mask = make_maskinfo(batch["mask"]).to(self.device, non_blocking=True)
+        if "maskinfo" not in batch:
+            raise ValueError("pretraining batch without 'maskinfo': build the loader with "
+                             "d2v.data.build.build_pretrain_data (its collate adds the mask indices)")
+        mask = batch["maskinfo"].to(self.device, non_blocking=True)
         return batch[self.source_key].to(self.device, non_blocking=True), mask
 
     def _train_step(self, it) -> tuple[dict, torch.Tensor | None, float, int]:
@@ -202,7 +236,7 @@ class Trainer:
         cfg = self.cfg
         source, mask = self._next_batch(it)
         with self.autocast:
-            out = self.model(source, mask)
+            out = self.forward(source, mask)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         gnorm = (torch.nn.utils.clip_grad_norm_(self._params, cfg.optim.clip_norm)

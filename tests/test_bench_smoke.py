@@ -1,6 +1,7 @@
 """Smoke tests of the kernel and ZeRO benchmarks: each script runs its tiny case once on CPU with results
 redirected (D2V_BENCH_RESULTS) into tmp_path, and writes well-formed, stamped rows; nothing is written to
-benchmarks/results/.
+benchmarks/results/. Also the train-step benchmark's compile variant (tests/test_bench_end_to_end.py has the
+others).
 
 Run: .venv/bin/python -m pytest -q tests/test_bench_smoke.py
 """
@@ -16,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks import bench_train_step as bts  # noqa: E402
 from benchmarks import bench_zero  # noqa: E402
 from benchmarks import common  # noqa: E402
 
@@ -110,3 +112,43 @@ def test_quantiles_interpolate():
     med, p20, p80 = common.quantiles([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (med, p20, p80) == (3.0, pytest.approx(1.8), pytest.approx(4.2))  # numpy.percentile's default
     assert common.within_noise((1, 2), (2, 3)) and not common.within_noise((1, 2), (2.5, 3))
+
+
+def test_train_step_compile_variant_is_d2v_compiled_and_opt_in_on_cpu(monkeypatch):
+    """The compile row differs from d2v only by train.compile (a key --set refuses); the CPU default leaves it
+    out (minutes of inductor build), the CUDA default runs it."""
+    d2v, comp = bts.variant_spec("d2v", 4, 2, cuda=True), bts.variant_spec("compile", 4, 2, cuda=True)
+    assert comp == dict(d2v, overrides={**d2v["overrides"], "train.compile": "true"})
+    assert "train.compile" in bts.VARIANT_KEYS
+    ran = []
+
+    def spawn(spec, threads):  # a stand-in worker: records the variant, returns one 10 ms step
+        ran.append(spec["variant"])
+        return {"ms": [10.0], "flops": 1e9, "peak_mib": 1.0, "peak_kind": "x", "tokens": 64,
+                "unit_per_sample": 1.0, "loss": 1.0, "mode": "mode", "params_m": 1.0, "precision": "fp32",
+                "attention": "sdpa", "skip_masked": True, "head": "decoder", "tf32": "", "ops_impl": "x"}
+
+    monkeypatch.setattr(bts, "_spawn", spawn)
+    assert bts.main(["--quick", "--no-write", "--modalities", "image", "--device", "cpu"]) == 0
+    assert "compile" not in ran and "d2v" in ran
+    ran.clear()
+    assert bts.main(["--quick", "--no-write", "--modalities", "image", "--device", "cpu",
+                     "--variants", "compile"]) == 0
+    assert ran == ["compile"]
+
+
+@pytest.mark.slow
+def test_train_step_compile_variant_runs(tmp_path):
+    """--variants d2v compile on CPU (an inductor build: minutes cold): two stamped rows, the same loss."""
+    env = dict(os.environ, D2V_BENCH_RESULTS=str(tmp_path), OMP_NUM_THREADS="2")
+    args = ["--quick", "--modalities", "image", "--variants", "d2v", "compile"]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"), *args],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    with open(tmp_path / "train_step.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["d2v", "compile"]
+    for r in rows:
+        assert r["git_sha"] and math.isfinite(float(r["views_per_s"])) and float(r["views_per_s"]) > 0
+    losses = [ln.rsplit("loss ", 1)[1] for ln in res.stdout.splitlines() if " ms/step " in ln]
+    assert len(losses) == 2 and float(losses[1]) == pytest.approx(float(losses[0]), abs=1.5e-3), res.stdout

@@ -63,6 +63,8 @@ def test_unknown_key_names_it_with_suggestion(tmp_path):
     ("model.patch_size=5", "multiple of model.patch_size"),
     ("train.max_steps", "expected key=value"),
     ("probe.pool=cls model.num_extra_tokens=0", "'cls' needs a CLS token"),
+    ("train.compile=1", "train.compile: expected true/false"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode: expected one of"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -108,3 +110,16 @@ def test_normalization_defaults_follow_the_data():
     assert normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.path=/x"]))[0] == tuple(IMAGENET_MEAN)
     got = normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.mean=[0.1,0.2,0.3]"]))[0]
     assert got == (0.1, 0.2, 0.3)
+
+
+def test_compile_may_change_on_resume():
+    """train.compile changes only float rounding (like train.num_threads): a run resumes with it switched,
+    and a checkpoint saved before the key existed resumes too."""
+    from d2v.config import check_resume_config
+
+    saved = load_config(CONFIGS / "tiny_image.yaml").to_dict()
+    now = load_config(CONFIGS / "tiny_image.yaml",
+                      ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs"]).to_dict()
+    check_resume_config(saved, now, "ck")
+    old = dict(saved, train={k: v for k, v in saved["train"].items() if not k.startswith("compile")})
+    check_resume_config(old, now, "ck")

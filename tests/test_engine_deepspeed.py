@@ -430,6 +430,15 @@ def test_activation_checkpointing_keys_need_the_d2v_switch(tmp_path):
         "activation_checkpointing"]["profile"] is True
 
 
+def test_deepspeed_engine_refuses_train_compile_before_joining_a_group(tmp_path):
+    from d2v.config import ConfigError
+    from d2v.engine import DeepSpeedTrainer
+
+    with pytest.raises(ConfigError, match="train.compile: the DeepSpeed engine does not compile the step"):
+        DeepSpeedTrainer(_cfg(tmp_path, 0, **{"train.compile": True}), progress=False)
+    assert not torch.distributed.is_initialized()
+
+
 def test_zero0_bf16_export_is_the_fp32_masters(runs, tmp_path):
     """ZeRO-0 + bf16: the module holds bf16 copies; `d2v export` writes the optimizer's fp32 masters."""
     from d2v.cli import main
@@ -598,7 +607,7 @@ def _gpu_worker(rank, port, root):
 
 @pytest.mark.gpu
 def test_gpu_nccl_bf16_logs_every_step(tmp_path):
-    """One process on NCCL (CUDA tensors only): the per-step metric all-reduce, the per-micro-batch
+    """One process on NCCL (CUDA tensors only): the per-step metric all-reduce, the per-optimizer-step
     finiteness all-reduce, a skipped step and the checkpoint's object broadcasts, ZeRO-0 and ZeRO-3."""
     import torch.multiprocessing as mp
 

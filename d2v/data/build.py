@@ -20,9 +20,31 @@ from d2v.config import Config
 from d2v.data.embedded import DIGITS32_MEAN, DIGITS32_STD, prepare_digits
 from d2v.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, make_inverse_block_mask_fn
 from d2v.data.sampler import build_loader
+from d2v.masking import make_maskinfo
 
 # the batch key holding each modality's model input
 SOURCE_KEY = {"image": "image", "audio": "audio", "text": "tokens"}
+
+
+class WithMaskInfo:
+    """Pretraining collate: the modality's collate, then the gather/restore indices of its masks,
+    batch["maskinfo"] = make_maskinfo(batch["mask"]) (a MaskInfo of (B*M, ...) CPU tensors).
+
+    Built here, in the DataLoader worker, because make_maskinfo is a host argsort plus host reads:
+    in the trainer's process they would stall the step (and, on a GPU, wait for the queued work).
+    The indices are a pure function of the mask, so training is bitwise the same as computing them in
+    the step. Picklable (DataLoader workers)."""
+
+    def __init__(self, collate: Callable[[list], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list) -> dict[str, Any]:
+        batch = self.collate(items)
+        batch["maskinfo"] = make_maskinfo(batch["mask"])
+        return batch
+
+    def __repr__(self) -> str:
+        return f"WithMaskInfo({self.collate!r})"
 
 
 @dataclass
@@ -67,13 +89,16 @@ def _image_dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageF
                               seed=cfg.train.seed, mask_fn=mask_fn)
 
 
-def _image_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
+def _image_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
+    from d2v.data.images import collate_images
+
     mk = cfg.masking
     mask_fn = make_inverse_block_mask_fn(cfg.model.grid, mk.clone_batch, mk.mask_prob, mk.mask_length,
                                          mk.mask_prob_adjust)
     ds = _image_dataset(cfg, pretrain_root(cfg), train=True, mask_fn=mask_fn)
     loader = build_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed, start_step=start_step,
-                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                          collate_fn=WithMaskInfo(collate_images), pin_memory=pin_memory)
     return ds, loader
 
 
@@ -119,8 +144,8 @@ def _audio_dataset(cfg: Config, source: Path, train: bool, classes=None):
                         seed=cfg.train.seed, classes=classes)
 
 
-def _audio_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
-    from d2v.data.audio import AudioCollate, build_audio_loader
+def _audio_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
+    from d2v.data.audio import AudioCollate, LengthBucketBatchSampler
     from d2v.modalities.audio import FeatureLength
 
     source, _ = _audio_sources(cfg)
@@ -129,9 +154,12 @@ def _audio_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
     collate = AudioCollate(clone_batch=mk.clone_batch, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
                            mask_adjust=mk.mask_prob_adjust, feature_length=FeatureLength(),
                            seed=cfg.train.seed, max_samples=cfg.data.max_sample_size)
-    loader = build_audio_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                start_step=start_step, num_workers=cfg.data.num_workers, rank=rank,
-                                world_size=world_size, collate_fn=collate)
+    # build_audio_loader's length-bucketed sampler, on build_loader directly to pass pin_memory
+    sampler = LengthBucketBatchSampler(ds.lengths, cfg.train.batch_size, seed=cfg.train.seed,
+                                       start_step=start_step, rank=rank, world_size=world_size)
+    loader = build_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed, start_step=start_step,
+                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                          collate_fn=WithMaskInfo(collate), batch_sampler=sampler, pin_memory=pin_memory)
     return ds, loader
 
 
@@ -175,7 +203,7 @@ def _tokens_per_sample(cfg: Config) -> int:
     return cfg.data.tokens_per_sample or cfg.model.max_positions
 
 
-def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
+def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
     from d2v.data.text import TextBlockDataset, TextMaskFn, collate_text
 
     T = _tokens_per_sample(cfg)
@@ -185,7 +213,7 @@ def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int):
     ds = TextBlockDataset(files, tok, block_size=T, seed=cfg.train.seed, mask_fn=mask_fn)
     loader = build_loader(ds, batch_size=cfg.train.batch_size, seed=cfg.train.seed, start_step=start_step,
                           num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
-                          collate_fn=collate_text)
+                          collate_fn=WithMaskInfo(collate_text), pin_memory=pin_memory)
     return ds, loader
 
 
@@ -218,9 +246,13 @@ _PRETRAIN = {"image": _image_pretrain, "audio": _audio_pretrain, "text": _text_p
 _PROBE = {"image": _image_probe, "audio": _audio_probe, "text": _text_probe}
 
 
-def build_pretrain_data(cfg: Config, start_step: int = 0, rank: int = 0, world_size: int = 1):
-    """-> (dataset, loader): an endless, resumable stream of batches with M masks per sample."""
-    return _PRETRAIN[cfg.model.modality](cfg, start_step, rank, world_size)
+def build_pretrain_data(cfg: Config, start_step: int = 0, rank: int = 0, world_size: int = 1,
+                        pin_memory: bool = False):
+    """-> (dataset, loader): an endless, resumable stream of batches with M masks per sample and their
+    gather/restore indices (batch["maskinfo"], computed in the loader workers). `pin_memory` (set it when
+    training on CUDA): batches arrive in page-locked memory, so `.to(device, non_blocking=True)` is an
+    asynchronous copy instead of a staged one that may wait for the device."""
+    return _PRETRAIN[cfg.model.modality](cfg, start_step, rank, world_size, pin_memory)
 
 
 def build_probe_tasks(cfg: Config, run_dir: Path | None = None) -> list[ProbeTask]:

@@ -128,7 +128,9 @@ def build_loader(
     """Infinite DataLoader over `dataset` (anything that accepts virtual indices) with
     `batch_sampler` (default ResumableBatchSampler(len(dataset), batch_size, drop_last=True)) and
     `collate_fn`. Iterate it once and pull `next()` per step; batch k of the iterator is global
-    step start_step + k."""
+    step start_step + k. `pin_memory`: batches in page-locked memory (pinned by the loader's own
+    thread), so a CUDA trainer's `.to(device, non_blocking=True)` copies asynchronously; pageable
+    memory would be staged by the driver, which may wait for the work already queued on the device."""
     if batch_sampler is None:
         batch_sampler = ResumableBatchSampler(
             len(dataset), batch_size, seed=seed, start_step=start_step, drop_last=True,
