@@ -1,4 +1,10 @@
-"""Shared test setup: seeded tests, a per-session data cache, small-config helpers.
+"""Shared test setup: seeded tests, a per-session data cache, small-config helpers, and the fixtures
+that pick where the Triton kernels run (`triton_device`) and force a dispatch path (`impl`).
+
+Triton kernels run compiled on CUDA tensors when a GPU is visible, else in Triton's CPU interpreter on
+CPU tensors (TRITON_INTERPRET=1, set here by default when no GPU is visible): never the Triton path on
+CPU tensors without the interpreter. With neither (TRITON_INTERPRET=0 on a CPU machine) the Triton tests
+skip and say why; the torch-reference and dispatch tests still run.
 
 Run: .venv/bin/python -m pytest -q tests
 """
@@ -10,7 +16,7 @@ import pytest
 import torch
 
 # Triton kernels run in Triton's CPU interpreter when no GPU is visible: the variable must be set before
-# the first @triton.jit is defined (d2v.kernels defines them lazily, at first launch) (../shared/ENV.md)
+# the first @triton.jit is defined (d2v.kernels defines them lazily, at first launch)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -30,6 +36,37 @@ def _cache_dir(tmp_path_factory):
     if "D2V_CACHE" not in os.environ:
         os.environ["D2V_CACHE"] = str(tmp_path_factory.mktemp("d2v_cache"))
     yield
+
+
+TRITON_SKIP = "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (Triton's CPU interpreter)"
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where a test runs the Triton kernels: CUDA (compiled) when a GPU is visible, else the CPU under
+    Triton's interpreter; skipped when neither is available."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    from d2v.kernels import _triton
+
+    if _triton.interpreting():
+        return torch.device("cpu")
+    pytest.skip(TRITON_SKIP)
+
+
+@pytest.fixture
+def impl(monkeypatch):
+    """Force a dispatch path for the duration of a test: impl("triton") -> ops.backend()'s table."""
+    from d2v import ops
+
+    def force(value):
+        monkeypatch.setenv("D2V_OPS_IMPL", value)
+        ops._reset_backend()
+        return ops.backend()
+
+    yield force
+    monkeypatch.delenv("D2V_OPS_IMPL", raising=False)
+    ops._reset_backend()
 
 
 def micro_overrides(out_dir, steps=6, **extra):

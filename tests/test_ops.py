@@ -10,34 +10,12 @@ Run: .venv/bin/python -m pytest -q tests/test_ops.py
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from d2v import ops
 from d2v.kernels.ema_update import ema_update_ref_
-from tests.utils import assert_close_verbose
+from tests.utils import assert_close_verbose, targets_fp64
 
 SHAPES = [(1, 1, 1), (2, 7, 3), (3, 13, 17), (5, 49, 32), (2, 197, 768)]
-
-
-def _inorm64(y, eps):
-    if y.shape[1] == 1:  # F.instance_norm refuses a single time step; its value is (y - y) / sqrt(eps) = 0
-        return torch.zeros_like(y)
-    return F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
-
-
-def targets_fp64(layers, instance_norm, final_norm, eps=1e-5):
-    ys = []
-    for y in layers:
-        y = y.double()
-        if instance_norm:  # the reference's path: transpose to (B, D, T) and F.instance_norm
-            y = _inorm64(y, eps)
-        ys.append(y)
-    y = sum(ys) / len(ys)
-    if final_norm == "layer":
-        y = F.layer_norm(y, y.shape[-1:], eps=eps)
-    elif final_norm == "instance":
-        y = _inorm64(y, eps)
-    return y
 
 
 @pytest.mark.parametrize("shape", SHAPES)
