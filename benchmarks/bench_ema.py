@@ -7,6 +7,11 @@ Byte model per parameter: read param (4 B fp32 / 2 B bf16) + read and write the 
 (+ 2 B for the bf16 teacher copy). Parameter lists follow the real architectures (ViT-B/16 86M,
 ViT-L/16 304M, audio base 94M: 7-layer conv feature extractor + 12 blocks).
 
+Every provider is checked once before it is timed: run from the same starting shadow, its result must
+match the float64 lerp within rel err 1e-6 (fp32 arithmetic), and the bf16 teacher copy within bf16's
+unit roundoff (2^-8). A provider that misses is reported as WRONG and not timed; the script then exits
+with status 1.
+
 Run: .venv/bin/python benchmarks/bench_ema.py [--device cuda] [--no-compile] [--cases vit_b]
 """
 from __future__ import annotations
@@ -40,7 +45,10 @@ CASES = {"vit_b": vit_shapes(12, 768), "vit_l": vit_shapes(24, 1024), "audio_b":
          "smoke": vit_shapes(1, 32, patch=4, tokens=17)}  # --quick only
 
 
-def main() -> None:
+BUDGET, BUDGET_BF16 = 1e-6, 2.0 ** -8  # rel err against float64: fp32 lerp; its bf16 rounding
+
+
+def main() -> int:
     args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
     dev = torch.device(args.device)
     cases = select_cases(CASES, args)
@@ -68,36 +76,47 @@ def main() -> None:
             def foreach():
                 ke.ema_update_foreach_(ema, par, d)
 
-            rec.add(tag, shape, "torch eager (ref loop)", "torch", bench(ref_loop, dev, reps), reps, by)
-            rec.add(tag, shape, "torch._foreach_lerp_", "torch", bench(foreach, dev, reps), reps, by)
+            # the check's starting point and its float64 answer (one lerp from ema0)
+            ema0 = [e.clone() for e in ema]
+            ref = [e.double() + (1 - d) * (p.double() - e.double()) for e, p in zip(ema0, par)]
+
+            def timed(provider, impl, f, bytes_model=by, warmup=1, note="", lowp=False):
+                torch._foreach_copy_(ema, ema0)  # every check starts from the same shadow
+                if lowp:
+                    for t in low:
+                        t.fill_(float("nan"))  # an element the kernel does not write stays NaN
+                f()
+                ok = rec.check(tag, shape, provider, impl, ema, ref, BUDGET, bytes_model=bytes_model)
+                ok = ok and (not lowp or rec.check(tag, shape, provider, impl, low, ref, BUDGET_BF16,
+                                                   bytes_model=bytes_model))
+                if ok:
+                    rec.add(tag, shape, provider, impl, bench(f, dev, reps, warmup=warmup), reps, bytes_model, note=note)
+
+            timed("torch eager (ref loop)", "torch", ref_loop)
+            timed("torch._foreach_lerp_", "torch", foreach)
             comp, why = try_compile(lambda: torch._foreach_lerp_(ema, [p.float() for p in par], 1 - d),
                                     not args.no_compile)
             if comp is not None:
                 try:
-                    rec.add(tag, shape, "torch.compile(foreach)", "inductor", bench(comp, dev, reps, warmup=2), reps, by,
-                            note="first call compiles (not timed)")
+                    timed("torch.compile(foreach)", "inductor", comp, warmup=2, note="first call compiles (not timed)")
                 except Exception as e:
                     print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
             r = ops.backend()["ema_update_"]
-            rec.add(tag, shape, "d2v.ops.ema_update_", r["impl"], bench(lambda: ops.ema_update_(ema, par, d), dev, reps),
-                    reps, by, note=f"auto: {r['variant']}")
-            rec.add(tag, shape, "d2v.ops + bf16 teacher", r["impl"],
-                    bench(lambda: ops.ema_update_(ema, par, d, out_lowp=low), dev, reps), reps, by + 2 * n,
-                    note="out_lowp= in the same pass")
+            timed("d2v.ops.ema_update_", r["impl"], lambda: ops.ema_update_(ema, par, d), note=f"auto: {r['variant']}")
+            timed("d2v.ops + bf16 teacher", r["impl"], lambda: ops.ema_update_(ema, par, d, out_lowp=low),
+                  bytes_model=by + 2 * n, note="out_lowp= in the same pass", lowp=True)
             if dev.type == "cpu" and mod is not None:
-                rec.add(tag, shape, "d2v._C ema_update_cpu", "cpp",
-                        bench(lambda: mod.ema_update_cpu(ema, par, d, None), dev, reps), reps, by)
+                timed("d2v._C ema_update_cpu", "cpp", lambda: mod.ema_update_cpu(ema, par, d, None))
             if dev.type == "cuda":
-                rec.add(tag, shape, "d2v triton", "triton",
-                        bench(lambda: ke.ema_update_triton_(ema, par, d), dev, reps), reps, by)
+                timed("d2v triton", "triton", lambda: ke.ema_update_triton_(ema, par, d))
                 if mod is not None and mod.with_cuda:
-                    rec.add(tag, shape, "d2v._C ema_update_cuda", "cuda",
-                            bench(lambda: mod.ema_update_cuda(ema, par, d, None), dev, reps), reps, by)
-            del ema, par, low
+                    timed("d2v._C ema_update_cuda", "cuda", lambda: mod.ema_update_cuda(ema, par, d, None))
+            del ema, par, low, ema0, ref
     rec.speedups("torch eager (ref loop)")
     if not args.no_write:
         rec.write("x eager = speed-up over the reference's per-parameter loop.", quick=args.quick)
+    return rec.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,10 @@ of the (B, T, D) fp32 targets once (the M clones of a sample share rows: at most
 and the ids, and write R*N fp32 rows. On a GPU the L2 is flushed between timed calls (common.bench), so
 reused inputs are read from memory, as the byte model assumes.
 
+Every provider is checked once before it is timed: its output (and, for gather+bwd, the gradient) must
+equal the float64 reference bit for bit, since these ops only move values. A provider that does not is
+reported as WRONG and not timed, and the script exits with status 1.
+
 Run: .venv/bin/python benchmarks/bench_masked_gather.py [--device cuda] [--no-compile] [--cases vit_b]
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, sel
 from d2v import ops  # noqa: E402
 from d2v.kernels import masked_gather as kg  # noqa: E402
 
-# B samples x M clones = R rows, T tokens, K kept, D width (spec/anchors.md §1.2: clone_batch, mask ratio)
+# B samples x M clones = R rows, T tokens, K kept, D width (the recipes' clone_batch and mask ratio)
 CASES = {
     "vit_b": dict(B=16, M=16, T=197, K=40, D=768),  # mask 0.8 of 196 patches (+CLS)
     "vit_l": dict(B=16, M=16, T=197, K=50, D=1024),  # mask 0.75
@@ -45,7 +49,11 @@ def _eager_targets(y, ids, M):  # the reference: y.repeat_interleave(M) then ind
     return torch.gather(y.repeat_interleave(M, 0), 1, ids.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
 
 
-def main() -> None:
+def _ref_gather(x, ids, M=1):  # float64, out[r, k] = x[r // M, ids[r, k]]
+    return x.double()[(torch.arange(ids.shape[0], device=ids.device) // M)[:, None], ids]
+
+
+def main() -> int:
     args = common_args(argparse.ArgumentParser(description=__doc__)).parse_args()
     dev = torch.device(args.device)
     cases = select_cases(CASES, args)
@@ -67,14 +75,18 @@ def main() -> None:
 
         # forward gather
         by = 2 * R * K * D * es + R * K * 8
-        rec.add(f"{case}/gather", shape, "torch eager", "torch", bench(lambda: _eager_gather(x, ids_keep), dev, reps), reps, by)
+        ref = _ref_gather(x, ids_keep)
+        tag = f"{case}/gather"
+        if rec.check(tag, shape, "torch eager", "torch", _eager_gather(x, ids_keep), ref, bytes_model=by):
+            rec.add(tag, shape, "torch eager", "torch", bench(lambda: _eager_gather(x, ids_keep), dev, reps), reps, by)
         comp, why = try_compile(_eager_gather, not args.no_compile)
-        if comp is not None:
-            rec.add(f"{case}/gather", shape, "torch.compile", "inductor",
-                    bench(lambda: comp(x, ids_keep), dev, reps, warmup=2), reps, by)
+        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(x, ids_keep), ref, bytes_model=by):
+            rec.add(tag, shape, "torch.compile", "inductor", bench(lambda: comp(x, ids_keep), dev, reps, warmup=2), reps, by)
         r = ops.backend()["masked_gather"]
-        rec.add(f"{case}/gather", shape, "d2v.ops.masked_gather", r["impl"],
-                bench(lambda: ops.masked_gather(x, ids_keep), dev, reps), reps, by)
+        if rec.check(tag, shape, "d2v.ops.masked_gather", r["impl"], ops.masked_gather(x, ids_keep), ref, bytes_model=by):
+            rec.add(tag, shape, "d2v.ops.masked_gather", r["impl"],
+                    bench(lambda: ops.masked_gather(x, ids_keep), dev, reps), reps, by)
+        del ref
         # forward + backward of the gather
         xg = x.detach().requires_grad_()
         gout = torch.randn(R, K, D, device=dev, dtype=dt)
@@ -86,46 +98,65 @@ def main() -> None:
                 fn(xg, ids_keep).backward(gout)
             return run
 
-        rec.add(f"{case}/gather+bwd", shape, "torch eager", "torch", bench(fb(_eager_gather), dev, reps), reps, by_fb)
-        rec.add(f"{case}/gather+bwd", shape, "d2v.ops.masked_gather", r["impl"], bench(fb(ops.masked_gather), dev, reps),
-                reps, by_fb)
-        del xg, gout
+        gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev).scatter_(
+            1, ids_keep.unsqueeze(-1).expand(-1, -1, D), gout.double())  # distinct ids: no sums
+        tag = f"{case}/gather+bwd"
+        for prov, impl, fn in (("torch eager", "torch", _eager_gather), ("d2v.ops.masked_gather", r["impl"], ops.masked_gather)):
+            fb(fn)()
+            if rec.check(tag, shape, prov, impl, xg.grad, gref, bytes_model=by_fb):
+                rec.add(tag, shape, prov, impl, bench(fb(fn), dev, reps), reps, by_fb)
+        del xg, gout, gref
         # decoder input: kept tokens + fill (noise) at masked slots
         kept = x[:, :K].contiguous()
         fill = torch.randn(R, T, D, device=dev, dtype=dt)
         by_s = R * K * D * es + R * N * D * es + R * T * D * es + R * K * 8
-        rec.add(f"{case}/scatter", shape, "torch eager", "torch",
-                bench(lambda: _eager_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
+        ref = fill.double().scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), kept.double())
+        tag = f"{case}/scatter"
+        if rec.check(tag, shape, "torch eager", "torch", _eager_scatter(kept, ids_keep, fill), ref, bytes_model=by_s):
+            rec.add(tag, shape, "torch eager", "torch",
+                    bench(lambda: _eager_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
         comp, why = try_compile(_eager_scatter, not args.no_compile)
-        if comp is not None:
-            rec.add(f"{case}/scatter", shape, "torch.compile", "inductor",
+        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(kept, ids_keep, fill), ref,
+                                          bytes_model=by_s):
+            rec.add(tag, shape, "torch.compile", "inductor",
                     bench(lambda: comp(kept, ids_keep, fill), dev, reps, warmup=2), reps, by_s)
         r = ops.backend()["masked_scatter"]
-        rec.add(f"{case}/scatter", shape, "d2v.ops.masked_scatter", r["impl"],
-                bench(lambda: ops.masked_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
-        del kept, fill, x
+        if rec.check(tag, shape, "d2v.ops.masked_scatter", r["impl"], ops.masked_scatter(kept, ids_keep, fill), ref,
+                     bytes_model=by_s):
+            rec.add(tag, shape, "d2v.ops.masked_scatter", r["impl"],
+                    bench(lambda: ops.masked_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
+        del kept, fill, x, ref
         # per-clone targets from the (B, T, D) fp32 targets
         y = torch.randn(B, T, D, device=dev)
         rows_read = torch.unique(ids_masked.view(B, M * N) + T * torch.arange(B, device=dev)[:, None]).numel()
         by_t = rows_read * D * 4 + R * N * D * 4 + R * N * 8  # distinct source rows read, R*N rows written
         shape_t = f"B={B} M={M} T={T} N={N} D={D} fp32"
-        rec.add(f"{case}/targets", shape_t, "torch eager", "torch",
-                bench(lambda: _eager_targets(y, ids_masked, M), dev, reps), reps, by_t, note="repeat_interleave + gather")
-        rec.add(f"{case}/targets", shape_t, "torch advanced index", "torch",
-                bench(lambda: kg.masked_targets_ref(y, ids_masked, M), dev, reps), reps, by_t, note="y[r // M, ids]")
+        ref = _ref_gather(y, ids_masked, M)
+        tag = f"{case}/targets"
+        if rec.check(tag, shape_t, "torch eager", "torch", _eager_targets(y, ids_masked, M), ref, bytes_model=by_t):
+            rec.add(tag, shape_t, "torch eager", "torch",
+                    bench(lambda: _eager_targets(y, ids_masked, M), dev, reps), reps, by_t, note="repeat_interleave + gather")
+        if rec.check(tag, shape_t, "torch advanced index", "torch", kg.masked_targets_ref(y, ids_masked, M), ref,
+                     bytes_model=by_t):
+            rec.add(tag, shape_t, "torch advanced index", "torch",
+                    bench(lambda: kg.masked_targets_ref(y, ids_masked, M), dev, reps), reps, by_t, note="y[r // M, ids]")
         comp, why = try_compile(_eager_targets, not args.no_compile)
-        if comp is not None:
-            rec.add(f"{case}/targets", shape_t, "torch.compile", "inductor",
+        if comp is not None and rec.check(tag, shape_t, "torch.compile", "inductor", comp(y, ids_masked, M), ref,
+                                          bytes_model=by_t):
+            rec.add(tag, shape_t, "torch.compile", "inductor",
                     bench(lambda: comp(y, ids_masked, M), dev, reps, warmup=2), reps, by_t)
         r = ops.backend()["masked_targets"]
-        rec.add(f"{case}/targets", shape_t, "d2v.ops.masked_targets", r["impl"],
-                bench(lambda: ops.masked_targets(y, ids_masked, M), dev, reps), reps, by_t)
-        del y
+        if rec.check(tag, shape_t, "d2v.ops.masked_targets", r["impl"], ops.masked_targets(y, ids_masked, M), ref,
+                     bytes_model=by_t):
+            rec.add(tag, shape_t, "d2v.ops.masked_targets", r["impl"],
+                    bench(lambda: ops.masked_targets(y, ids_masked, M), dev, reps), reps, by_t)
+        del y, ref
     rec.speedups("torch eager")
     if not args.no_write:
         rec.write("bf16 activations; x eager = speed-up over the eager torch row of the same case.",
                   quick=args.quick)
+    return rec.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,22 @@
 """Shared benchmark helpers: environment stamp (device, date, versions, git sha), measured device copy
-bandwidth, timing (median and p20/p80), and result output: rows appended to
-benchmarks/results/kernels.csv, one markdown table per run appended to benchmarks/results/kernels.md.
+bandwidth, a correctness check before timing, timing (median and p20/p80), and result output: rows
+appended to benchmarks/results/kernels.csv, one markdown table per run appended to
+benchmarks/results/kernels.md.
 
 Achieved bandwidth = bytes of the op's byte model (printed per row: what a perfect kernel must read and
-write) / median time; reported as a % of the copy bandwidth measured in the same process.
+write) / median time; reported as a % of the copy bandwidth measured in the same process (a large
+device-to-device copy, bytes read + bytes written), the ceiling a memory-bound op can approach. The issue's
+target for every fused op is 85% of it.
 
-References: ../shared/spec/anchors.md §5.4 (report GB/s and % of measured copy bandwidth); Liger-Kernel
-benchmark/BENCHMARK_GUIDELINES.md (median with p20/p80, device and version in every row).
+Correct before fast: every provider's output is compared once with a reference before it is timed
+(Recorder.check); a provider that disagrees is not timed at all, gets a row with NaN numbers and
+`WRONG: ...` in its note, and the script exits with status 1 after writing its rows.
+
+Timing on a GPU is device time: CUDA events around each call, the L2 flushed before every timed call
+(a write of twice its size, outside the events, so inputs reused from call to call come from device memory,
+not from L2), and the stream held busy for a moment before the timed calls are queued, so the host's
+launch overhead never opens a gap between the events (small kernels take microseconds; a Python launch
+can take longer). That is what the kernel costs inside a training step, where the host runs ahead.
 
 Every output path is resolved through results_dir() when it is written, so D2V_BENCH_RESULTS=/some/dir
 redirects all of a run's files (the smoke tests, tests/test_bench_smoke.py, point it at a temp folder).
@@ -14,9 +24,6 @@ A `--quick` smoke run writes nothing unless D2V_BENCH_RESULTS is set (it prints 
 
 CSV schema changes: append_csv never appends rows under a different header; it first renames the old
 file to <name>.v1.csv (.v2, ... if taken) and starts a new file with the new header.
-
-On CUDA, bench() writes a buffer of twice the L2 size between timed calls (outside the timed region), so
-inputs reused from call to call come from device memory, not from L2.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +134,8 @@ def git_sha() -> str:
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # a copy of the tree without .git (the lent GPU machine): the sha its caller recorded, if any
+        return os.environ.get("D2V_GIT_SHA", "").strip() or "unknown"
 
 
 def stamp(dev: torch.device) -> dict:
@@ -174,24 +183,43 @@ def _l2_flusher(dev: torch.device) -> Callable[[], object]:
     return buf.zero_
 
 
+def _hold_stream(dev: torch.device, seconds: float) -> None:
+    """Keep the current CUDA stream busy for about `seconds` (a spin kernel), so the host can queue the
+    timed calls behind it and the GPU never waits for a launch between a start and an end event."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None or seconds <= 0:
+        return
+    sleep(int(min(seconds, 0.25) * 2.0e9))  # cycles at ~2 GHz (H100/H200 boost clock); slower clocks: longer
+
+
 def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of fn() over `repeats` timed calls after `warmup` calls. On CUDA
-    the L2 is flushed before every timed call (not timed: the start event is recorded after it)."""
+    """(median, p20, p80) milliseconds of fn() over `repeats` timed calls after `warmup` calls.
+
+    On CUDA: device time between events recorded around each call. The L2 is flushed before every timed
+    call (outside the events), and the stream is held busy while all calls are queued (_hold_stream), so
+    neither cached inputs nor host launch gaps enter the numbers. On CPU: wall time per call."""
     flush = _l2_flusher(dev)
     for _ in range(warmup):
         fn()
     sync(dev)
     times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if dev.type == "cuda":
+        t0 = time.perf_counter()  # host time to queue one flush + call (the GPU is idle: no waiting)
+        flush()
+        fn()
+        host = time.perf_counter() - t0
+        sync(dev)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        _hold_stream(dev, 1.5 * repeats * host + 1e-3)
+        for a, b in ev:
             flush()
             a.record()
             fn()
             b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
+        sync(dev)
+        times = [a.elapsed_time(b) for a, b in ev]
+    else:
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -200,15 +228,39 @@ def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int
 
 def copy_bandwidth(dev: torch.device, mib: int = 256, repeats: int = 10) -> float:
     """Measured device copy bandwidth in GB/s, (read + write bytes) / median time: the better of an
-    out-of-place copy dst.copy_(src) and an in-place read-modify-write x.mul_(1). On CPUs the out-of-place
-    copy also pays a read-for-ownership of dst that the byte model does not count (~1.5x fewer GB/s),
-    while in-place ops (the EMA's shadow) do not: the in-place figure is the fair ceiling there."""
+    out-of-place copy dst.copy_(src) (on a GPU a device-to-device copy) and an in-place read-modify-write
+    x.mul_(1). On CPUs the out-of-place copy also pays a read-for-ownership of dst that the byte model
+    does not count (~1.5x fewer GB/s), while in-place ops (the EMA's shadow) do not: the in-place figure
+    is the fair ceiling there. Timed like every kernel (bench), so the ratio compares like with like."""
     n = mib * (1 << 20) // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
     ms_copy, _, _ = bench(lambda: dst.copy_(src), dev, repeats, warmup=2)
     ms_rmw, _, _ = bench(lambda: dst.mul_(1.0), dev, repeats, warmup=2)
-    return 2 * n * 4 / (min(ms_copy, ms_rmw) * 1e-3) / 1e9
+    gb = 2 * n * 4 / 1e9
+    print(f"copy bandwidth: copy_ {gb / (ms_copy * 1e-3):.1f} GB/s, in-place mul_ {gb / (ms_rmw * 1e-3):.1f} GB/s "
+          f"({mib} MiB, read + write counted)", flush=True)
+    return gb / (min(ms_copy, ms_rmw) * 1e-3)
+
+
+def rel_err(got, ref) -> float:
+    """||got - ref|| / ||ref|| in float64 over a tensor or a list of tensors (summed pair by pair: no
+    float64 copy of a whole parameter list); inf when got has a non-finite element that ref does not
+    have (an unwritten or corrupted output) or the shapes differ."""
+    gs = list(got) if isinstance(got, (list, tuple)) else [got]
+    rs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+    if len(gs) != len(rs):
+        return float("inf")
+    num = den = 0.0
+    for g, r in zip(gs, rs):
+        if g.shape != r.shape:
+            return float("inf")
+        g, r = g.detach().double(), r.detach().double()
+        if bool((~torch.isfinite(g) & torch.isfinite(r)).any()):
+            return float("inf")
+        num += float(torch.linalg.vector_norm(g - r)) ** 2
+        den += float(torch.linalg.vector_norm(r)) ** 2
+    return (num ** 0.5) / (den ** 0.5) if den > 0 else num ** 0.5
 
 
 class Recorder:
@@ -218,6 +270,33 @@ class Recorder:
         self.bench, self.dev, self.copy = bench_name, dev, copy_gbps
         self.base = stamp(dev)
         self.rows: list[dict] = []
+        self.wrong: list[str] = []  # providers whose check failed (not timed)
+        self._checked: dict[tuple[str, str], float] = {}
+
+    def check(self, case: str, shape: str, provider: str, impl: str, got, ref, budget: float = 0.0,
+              bytes_model: int = 0) -> bool:
+        """Compare one provider's output with the reference once, before timing it: True when
+        rel_err <= budget (0: bit-exact). Otherwise the provider gets a row with NaN numbers and
+        `WRONG: ...` in its note instead of a timing, and the run will exit with status 1."""
+        err = rel_err(got, ref)
+        if err <= budget:
+            self._checked[(case, provider)] = max(err, self._checked.get((case, provider), 0.0))
+            return True
+        why = f"WRONG: rel err {err:.3e} > {budget:.0e} against the reference; not timed"
+        self.wrong.append(f"{self.bench} {case} {provider}: {why}")
+        nan = "nan"
+        self.rows.append(dict(self.base, bench=self.bench, case=case, shape=shape, provider=provider, impl=impl,
+                              ms_median=nan, ms_p20=nan, ms_p80=nan, repeats=0, bytes_model=bytes_model,
+                              gbps=nan, pct_copy_bw=nan, copy_gbps=f"{self.copy:.2f}", speedup_vs_eager="",
+                              note=why))
+        print(f"{case:>10} {provider:>22} ({impl:>12}) {why}", flush=True)
+        return False
+
+    def exit_code(self) -> int:
+        """1 when any provider failed its check (after its rows were written), else 0."""
+        for w in self.wrong:
+            print(w, file=sys.stderr)
+        return 1 if self.wrong else 0
 
     def add(self, case: str, shape: str, provider: str, impl: str, t: tuple[float, float, float],
             repeats: int, bytes_model: int, note: str = "") -> dict:
@@ -227,6 +306,9 @@ class Recorder:
                    ms_median=f"{ms:.4f}", ms_p20=f"{t[1]:.4f}", ms_p80=f"{t[2]:.4f}", repeats=repeats,
                    bytes_model=bytes_model, gbps=f"{gbps:.2f}", pct_copy_bw=f"{100 * gbps / self.copy:.1f}",
                    copy_gbps=f"{self.copy:.2f}", speedup_vs_eager="", note=note)
+        err = self._checked.get((case, provider))
+        if err is not None:
+            row["note"] = "; ".join(x for x in (note, "checked: exact" if err == 0 else f"checked: rel {err:.1e}") if x)
         self.rows.append(row)
         print(f"{case:>10} {provider:>22} ({impl:>12}) {ms:9.3f} ms  {gbps:8.2f} GB/s "
               f"{100 * gbps / self.copy:6.1f}% of copy   {note}", flush=True)
@@ -235,10 +317,10 @@ class Recorder:
     def speedups(self, eager_provider: str) -> None:
         """speedup_vs_eager = eager median / row median, per case; the markdown marks it "~" when the
         row's p20-p80 range overlaps the eager row's (within noise)."""
-        eager = {r["case"]: r for r in self.rows if r["provider"] == eager_provider}
+        eager = {r["case"]: r for r in self.rows if r["provider"] == eager_provider and r["ms_median"] != "nan"}
         for r in self.rows:
             e = eager.get(r["case"])
-            if e is not None:
+            if e is not None and r["ms_median"] != "nan":
                 r["speedup_vs_eager"] = f"{float(e['ms_median']) / float(r['ms_median']):.2f}"
                 r["_noisy"] = r is not e and within_noise((float(e["ms_p20"]), float(e["ms_p80"])),
                                                           (float(r["ms_p20"]), float(r["ms_p80"])))
@@ -254,8 +336,10 @@ class Recorder:
                  f"git {b['git_sha']}, torch {b['torch']}, triton {b['triton']}, Python {b['python']}"
                  + (f", {b['threads']} threads" if b["threads"] != "" else "")
                  + "; 1 warmup call (2 for torch.compile), "
-                 f"{'/'.join(sorted({str(r['repeats']) for r in self.rows}))} timed calls per row (median, "
-                 f"p20-p80; ~ = within noise of eager); measured copy bandwidth {self.copy:.1f} GB/s. {header_note}\n",
+                 f"{'/'.join(sorted({str(r['repeats']) for r in self.rows if r['ms_median'] != 'nan'}))} timed calls per row (median, "
+                 f"p20-p80; ~ = within noise of eager); measured copy bandwidth {self.copy:.1f} GB/s"
+                 f"{' (device time, L2 flushed per call; target for fused ops: >= 85% of it)' if self.dev.type == 'cuda' else ''}; "
+                 f"every provider checked against the reference before timing. {header_note}\n",
                  "| case | shape | provider | impl | ms (median) | p20-p80 | GB/s (byte model) | % copy BW | x eager | note |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -301,4 +385,7 @@ def select_cases(cases: dict, args) -> list[str]:
 
 
 def probe_bandwidth(dev: torch.device, args) -> float:
-    return copy_bandwidth(dev, mib=8, repeats=2) if args.quick else copy_bandwidth(dev)
+    """--quick: an 8 MiB probe; a GPU: 1 GiB buffers (2 GiB moved per copy, far beyond any L2); CPU: 256 MiB."""
+    if args.quick:
+        return copy_bandwidth(dev, mib=8, repeats=2)
+    return copy_bandwidth(dev, mib=1024 if dev.type == "cuda" else 256)
