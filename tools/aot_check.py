@@ -915,6 +915,8 @@ def _source_state(path: str) -> str:
             return res.stdout
 
         sha, dirty = git("rev-parse", "--short", "HEAD").strip(), git("status", "--porcelain", ".").strip()
+        top = git("rev-parse", "--show-toplevel").strip()
+        path = os.path.relpath(path, top) + "/" if top else path  # no machine path in a committed report
         return f"{path} (commit {sha}{', with uncommitted changes' if dirty else ''})"
     return path
 
