@@ -24,7 +24,11 @@ def ema_decay(step: int, start: float, end: float, anneal_end_step: int) -> floa
 
 class EMATeacher:
     """Owns the teacher module; `update(step)` runs after optimizer step `step` (1-based) and moves the
-    teacher towards the student it was built from."""
+    teacher towards the student it was built from: its fp32 parameters, which are what the optimizer
+    updates (engines that keep low-precision module copies pair the teacher with their fp32 master
+    weights instead: d2v.engine)."""
+
+    source = "fp32 module weights (they are the masters; no communication)"  # what the banner reports
 
     def __init__(self, student: nn.Module, start: float, end: float, anneal_end_step: int):
         attached, student._teacher = student._teacher, []  # never copy a previous teacher

@@ -1,6 +1,7 @@
 """The DeepSpeed engine with 2 ranks on gloo (spawned inside pytest), ZeRO stages 0-3, micro image model:
 finite decreasing loss, the same losses under every stage, the EMA teacher equal to the EMA of the
-consolidated student weights with no communication in the update, save -> crash -> resume equality,
+consolidated student weights with no communication in the update, with bf16 the EMA of the fp32 master
+weights under every stage (ZeRO 1-2: one all-gather per update), save -> crash -> resume equality,
 non-finite losses (with gradient accumulation: the whole step dropped), the ZeRO-0 bf16 export of the
 fp32 master weights. The test marked gpu runs one process on NCCL (skipped without a CUDA device).
 
@@ -53,9 +54,19 @@ def _cfg(out, stage, **extra):
 
 
 def _full_student(tr, stage):
-    """Collective under ZeRO-3: the consolidated student, by name, as the teacher's source: the fp32
-    master weights under ZeRO-3, the (replicated) module weights under ZeRO 0-2."""
+    """Collective under ZeRO-3 and, with bf16, ZeRO 1-2: the consolidated student, by name, as the
+    teacher's source: the fp32 master weights (with fp32 under ZeRO 0-2: the replicated module weights,
+    which are the masters)."""
     named = list(tr.model.named_parameters())
+    if tr.cfg.train.precision != "fp32" and stage in (1, 2):  # each rank's optimizer holds a slice
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: (safe_get_full_fp32_param(p) if p.requires_grad else p).detach().float().clone()
+                for n, p in named}
+    if tr.cfg.train.precision != "fp32" and stage == 0:  # whole on every rank, in DeepSpeed's wrapper
+        pairs = zip(tr.optimizer.fp16_groups, tr.optimizer.fp32_groups)  # (module param, fp32 master)
+        masters = {id(lp): hp for lo, hi in pairs for lp, hp in zip(lo, hi)}
+        return {n: masters.get(id(p), p).detach().float().clone() for n, p in named}
     if stage == 3:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -68,6 +79,21 @@ def _full_student(tr, stage):
                     out[n] = p.detach().float().clone()
         return out
     return {n: p.detach().float().clone() for n, p in named}
+
+
+def _module_weights(tr, stage):
+    """Collective under ZeRO-3: the module's own weights (bf16 copies of the masters with bf16)."""
+    out = {}
+    for n, p in tr.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]) if stage == 3 else contextlib.nullcontext():
+            out[n] = p.detach().float().clone()
+    return out
+
+
+def _update_calls(stage, precision):
+    """The collectives one EMA update may make: ZeRO 1-2 with bf16/fp16 share the updated masters' slices
+    of the teacher in one all-gather; everything else is local."""
+    return ["all_gather_into_tensor"] if precision != "fp32" and stage in (1, 2) else []
 
 
 def _full_teacher(tr, stage):
@@ -114,10 +140,13 @@ def _calls_recorded(calls: list):
                 delattr(obj, k)
 
 
-def _track_ema(tr, stage, record):
+def _track_ema(tr, stage, record, module_ref=None):
     """Wrap teacher.update: record collectives and gathers inside it, and advance a reference EMA
-    computed from the consolidated student (gathered here, in the test only)."""
+    computed from the consolidated student (gathered here, in the test only). `module_ref`: a dict
+    that receives the EMA of the module's own (bf16 with bf16) weights, the precision-blind reference."""
     ref = _full_teacher(tr, stage)
+    if module_ref is not None:
+        module_ref.update({n: t.clone() for n, t in ref.items()})
     orig = tr.teacher.update
     trainable = {n for n, p in tr.model.named_parameters() if p.requires_grad}
 
@@ -125,10 +154,11 @@ def _track_ema(tr, stage, record):
         calls = []
         with _calls_recorded(calls):
             d = orig(step)
-        record["update_collectives"] += calls
-        s = _full_student(tr, stage)
-        for n in ref:
-            ref[n] = d * ref[n] + (1 - d) * s[n] if n in trainable else s[n].clone()
+        record["update_collectives"].append(calls)
+        for r, s in [(ref, _full_student(tr, stage))] + (
+                [(module_ref, _module_weights(tr, stage))] if module_ref is not None else []):
+            for n in r:
+                r[n] = d * r[n] + (1 - d) * s[n] if n in trainable else s[n].clone()
         return d
 
     tr.teacher.update = update
@@ -208,10 +238,55 @@ def _worker(rank, port, root):
             pairs = zip(tr.optimizer.fp16_groups, tr.optimizer.fp32_groups)  # (module param, fp32 master)
             rec["masters"] = {name[id(lp)]: hp.detach().clone() for lo, hi in pairs for lp, hp in zip(lo, hi)}
         out[f"f{stage}"] = rec
+    out["bf16"] = _bf16_runs(DeepSpeedTrainer, root)
     out["nan"] = _nan_runs(DeepSpeedTrainer, root, rank)
     out["nan_accum"] = _nan_accum_runs(DeepSpeedTrainer, root)
     out["killed_save"] = _killed_mid_checkpoint(DeepSpeedTrainer, root)
     torch.save(out, root / f"rank{rank}.pt")
+
+
+BF16_STEPS = 4
+BF16 = {"train.precision": "bf16", "train.max_steps": BF16_STEPS, "train.ckpt_every": 2,
+        "ema.anneal_end_step": BF16_STEPS}
+
+
+def _bf16_runs(trainer_cls, root):
+    """Every stage with bf16 from the same init: the teacher next to the EMA of the consolidated fp32
+    masters and the EMA of the bf16 module weights; then crash after step 3 and resume from step 2."""
+    rec = {}
+    for stage in STAGES:
+        r = rec[stage] = {"update_collectives": []}
+        tr = trainer_cls(_cfg(root / f"bf{stage}" / "a", stage, **BF16), progress=False)
+        r["banner"] = tr.banner().splitlines()[-1]
+        module_ref = {}
+        ref = _track_ema(tr, stage, r, module_ref)
+        tr.train()
+        teacher = _full_teacher(tr, stage)
+        r["ema_max_err"] = max((teacher[n] - ref[n]).abs().max().item() for n in ref)
+        r["module_ref_gap"] = max((ref[n] - module_ref[n]).abs().max().item() for n in ref)
+        r["teacher"], r["masters"] = teacher, _full_student(tr, stage)
+        tb = trainer_cls(_cfg(root / f"bf{stage}" / "b", stage, **BF16), progress=False)
+        orig = tb.teacher.update
+
+        def crash(step, _orig=orig):
+            d = _orig(step)
+            if step == 3:
+                raise Crash("simulated crash")
+            return d
+
+        tb.teacher.update = crash
+        try:
+            tb.train()
+        except Crash:
+            pass
+        tc = trainer_cls(_cfg(root / f"bf{stage}" / "b", stage, **BF16), resume=True, progress=False)
+        r["resumed_at"] = tc.step
+        tc.train()
+        r["resume_teacher_equal"] = all(torch.equal(t, teacher[n])
+                                        for n, t in _full_teacher(tc, stage).items())
+        r["resume_masters_equal"] = all(torch.equal(t, r["masters"][n])
+                                        for n, t in _full_student(tc, stage).items())
+    return rec
 
 
 def _poison(tr, when):
@@ -369,7 +444,7 @@ def test_teacher_is_ema_of_consolidated_student(runs, stage):
         r = rec[stage]
         assert r["ema_moved"] > 1e-4, "the student moved away from the teacher: the check has teeth"
         assert r["ema_max_err"] < 1e-6, (rank, r)
-        assert r["update_collectives"] == [], "the EMA update must not communicate (no gather)"
+        assert r["update_collectives"] == [[]] * STEPS, "the EMA update must not communicate (no gather)"
         assert r["teacher_whole"] == 0, "ZeRO-3: the teacher's gathered parameters must be released"
 
 
@@ -404,9 +479,72 @@ def test_bf16_grad_accum_activation_checkpointing(runs, stage):
     assert len(rows) == STEPS and all(torch.isfinite(torch.tensor([r["loss"] for r in rows])))
     ref = read_metrics(root / f"z{stage}" / "a" / "metrics.csv")
     assert rows[0]["loss"] != ref[0]["loss"]  # bf16 and 2 micro-batches really changed the run
-    for r in recs:
+    for r in recs:  # the source is the fp32 masters (the bf16 module weights would be > 1e-6 off)
         assert r[f"f{stage}"]["ema_max_err"] < 1e-6, r[f"f{stage}"]
-        assert r[f"f{stage}"]["update_collectives"] == []
+        assert r[f"f{stage}"]["update_collectives"] == [_update_calls(stage, "bf16")] * STEPS
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_teacher_is_ema_of_the_fp32_masters(runs, stage):
+    """bf16: DeepSpeed's module holds bf16 copies of the fp32 master weights. Under every stage the
+    teacher is the EMA of the masters (consolidated after each step, in the test), not of the bf16
+    copies, the same on both ranks, exactly resumed; the update is local except under ZeRO 1-2 (one
+    all-gather: the masters are split over the ranks)."""
+    _, recs = runs
+    for rank, rec in enumerate(recs):
+        r = rec["bf16"][stage]
+        assert r["module_ref_gap"] > 1e-5, "the EMA of the bf16 weights differs: the check has teeth"
+        assert r["ema_max_err"] < 1e-6, (rank, r["ema_max_err"], r["module_ref_gap"])
+        assert r["update_collectives"] == [_update_calls(stage, "bf16")] * BF16_STEPS, r["update_collectives"]
+        assert r["resumed_at"] == 2 and r["resume_teacher_equal"] and r["resume_masters_equal"], r
+    t0, t1 = (rec["bf16"][stage]["teacher"] for rec in recs)
+    assert all(torch.equal(t0[n], t1[n]) for n in t0), "the ranks' teachers differ"
+
+
+def test_bf16_teachers_agree_across_stages(runs):
+    """The same masters give the same teacher under every stage: ZeRO 1, 2 and 3 train the same fp32
+    masters here, bit for bit, and their teachers agree (the teacher feeds the loss, so one that followed
+    other weights would change the masters too). ZeRO-0's masters differ (DeepSpeed reduces its bf16
+    gradients another way): the test above checks it against its own masters."""
+    for rec in runs[1]:
+        bf = rec["bf16"]
+        for stage in (2, 3):
+            err = max((bf[1]["teacher"][n] - t).abs().max().item() for n, t in bf[stage]["teacher"].items())
+            same = all(torch.equal(bf[1]["masters"][n], m) for n, m in bf[stage]["masters"].items())
+            assert err <= 1e-6 and same, f"ZeRO-{stage}: teacher diff {err}, same masters {same}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_banner_names_the_teachers_source(runs, stage):
+    for rec in runs[1]:
+        line = rec["bf16"][stage]["banner"]
+        assert line.startswith("  EMA teacher: fp32, follows the fp32 master"), line
+        assert ("all-gather" in line) == (stage in (1, 2)), line
+
+
+def test_zero0_fused_wrapper_masters_are_split_by_parameter(tmp_path):
+    """ZeRO-0 with a fused Adam (FP16_Optimizer, GPU only): one flat fp32 master per param group, in the
+    group's parameter order; the teacher follows each parameter's slice of it (a stand-in wrapper, no
+    process group)."""
+    from types import SimpleNamespace
+
+    from d2v.engine import MasterEMATeacher
+    from d2v.registry import build_model
+    from d2v.trainer import param_groups
+
+    cfg = _cfg(tmp_path, 0, **{"train.precision": "bf16"})
+    model = build_model(cfg)
+    teacher = MasterEMATeacher(model, 0.9, 0.99, 10)
+    groups = [g["params"] for g in param_groups(model, 0.05, False)]
+    flat = [torch.cat([p.detach().reshape(-1) for p in g]) + 0.25 for g in groups]  # masters != module
+    teacher.bind(SimpleNamespace(fp16_groups=groups, fp32_groups_flat=flat))
+    before = {n: t.clone() for n, t in zip(teacher.names, teacher._ema)}
+    d = teacher.update(1)
+    master = {id(p): m.view(p.shape)
+              for g, f in zip(groups, flat) for p, m in zip(g, f.split([q.numel() for q in g]))}
+    for n, t, s in zip(teacher.names, teacher._ema, teacher._src):
+        assert torch.allclose(t, d * before[n] + (1 - d) * master[id(s)], atol=1e-7), n
+    assert "no communication" in teacher.source
 
 
 def test_user_activation_checkpointing_keys_are_applied(runs):
