@@ -95,6 +95,11 @@ def build_targets_fairseq(
 
 STRIP_MAX_T = 256  # next_pow2(T) rows per strip; 256 x 8 channels = 2048 elements, 8 per thread
 _STRIP_TILE = 2048
+_STRIP_LOADS_IN_FLIGHT = 8  # layers between barriers (below)
+# layers per strip launch: more are split over launches that continue the fp32 running sum in `out`
+# (+8 bytes per element per extra launch). ViT-L's 18 layers in one launch sat at 255 registers and
+# spilled under triton 3.8 (sm_80, sm_90); 9 per launch do not.
+_STRIP_MAX_LAYERS = 10
 _SPLIT_T, _SPLIT_D = 64, 32  # split-path tile: 64 time steps x 32 channels (64-128 contiguous bytes/row)
 
 
@@ -109,27 +114,34 @@ def _kernels():
         out_ptr,  # (B, T, D) fp32 contiguous
         T, D, s_b, s_t, s_d, eps,
         K: tl.constexpr, INSTANCE: tl.constexpr, FINAL_INSTANCE: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, LOADS_IN_FLIGHT: tl.constexpr,
+        ADD_TO_OUT: tl.constexpr, K_TOTAL: tl.constexpr, LAST: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         t = tl.arange(0, BLOCK_T)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         m = (t < T)[:, None] & (d < D)[None, :]
         offs = b * s_b + t[:, None].to(tl.int64) * s_t + d[None, :] * s_d  # (BLOCK_T, BLOCK_D)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        dst = out_ptr + (b * T + t[:, None]) * D + d[None, :]
+        if ADD_TO_OUT:  # a later group of layers: continue the running sum an earlier launch stored
+            acc = tl.load(dst, mask=m, other=0.0)
+        else:
+            acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for i in tl.static_range(K):
+            if i > 0 and i % LOADS_IN_FLIGHT == 0:  # the compiler hoists the unrolled loads: a barrier
+                tl.debug_barrier()  # every few layers bounds how many are live in registers at once
             y = tl.load(layers[i] + offs, mask=m, other=0.0).to(tl.float32)
             if INSTANCE:  # over T per channel; biased variance, as F.instance_norm
                 mean = tl.sum(y, axis=0) / T  # (BLOCK_D,)
                 yc = tl.where(m, y - mean[None, :], 0.0)
                 y = yc * tl.rsqrt(tl.sum(yc * yc, axis=0) / T + eps)[None, :]
             acc += y
-        acc = acc / K
-        if FINAL_INSTANCE:
-            mean = tl.sum(acc, axis=0) / T
-            yc = tl.where(m, acc - mean[None, :], 0.0)
-            acc = yc * tl.rsqrt(tl.sum(yc * yc, axis=0) / T + eps)[None, :]
-        dst = out_ptr + (b * T + t[:, None]) * D + d[None, :]
+        if LAST:
+            acc = acc / K_TOTAL
+            if FINAL_INSTANCE:
+                mean = tl.sum(acc, axis=0) / T
+                yc = tl.where(m, acc - mean[None, :], 0.0)
+                acc = yc * tl.rsqrt(tl.sum(yc * yc, axis=0) / T + eps)[None, :]
         tl.store(dst, acc, mask=m)
 
     @triton.jit
@@ -313,11 +325,15 @@ def build_targets_triton(
         if T <= STRIP_MAX_T:
             block_t = _triton.next_pow2(T)
             block_d = max(1, min(_triton.next_pow2(D), _STRIP_TILE // block_t, 64))
-            k.targets[(B, -(-D // block_d))](
-                tuple(layers), out, T, D, *strides, eps,
-                K=K, INSTANCE=instance_norm, FINAL_INSTANCE=final_norm == "instance",
-                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 2048 else 4,
-            )
+            groups = -(-K // _STRIP_MAX_LAYERS)  # launches; each adds its layers to the running sum in out
+            for g in range(groups):
+                part = layers[g * K // groups:(g + 1) * K // groups]
+                k.targets[(B, -(-D // block_d))](
+                    tuple(part), out, T, D, *strides, eps,
+                    K=len(part), INSTANCE=instance_norm, FINAL_INSTANCE=final_norm == "instance",
+                    BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 2048 else 4,
+                    LOADS_IN_FLIGHT=_STRIP_LOADS_IN_FLIGHT, ADD_TO_OUT=g > 0, K_TOTAL=K, LAST=g == groups - 1,
+                )
         else:
             S = -(-T // _SPLIT_T)
             grid = (B, -(-D // _SPLIT_D), S)

@@ -71,6 +71,16 @@ def test_triton_build_targets_large_offset_is_stable(impl, triton_device):
     assert_close_verbose(out, targets_fp64([y], True, "none"), atol=1e-3, what="offset")
 
 
+def test_triton_build_targets_many_layers_over_launches(impl, triton_device):
+    """More layers than one strip launch takes (ViT-L averages 18) are summed over several launches that
+    continue the fp32 running sum; the result stays within the fp32 budget for every final norm, on
+    CLS-stripped views."""
+    impl("triton")
+    layers = [torch.randn(2, 6, 5, device=triton_device)[:, 1:] * 2 - 1 for _ in range(kt._STRIP_MAX_LAYERS + 3)]
+    for final_norm in ("none", "layer", "instance"):
+        _check(ops.build_targets(layers, final_norm=final_norm), layers, True, final_norm, f"K={len(layers)}")
+
+
 def test_triton_build_targets_long_sequence_any_length(impl, triton_device):
     """Sequences past the strip path's reach go through the split-T kernels, with no length limit: T = 4097
     (one past a power of two, so the last T-chunk holds a single step) builds targets within the fp32
