@@ -95,7 +95,10 @@ def build_targets_fairseq(
 
 STRIP_MAX_T = 256  # next_pow2(T) rows per strip; 256 x 8 channels = 2048 elements, 8 per thread
 _STRIP_TILE = 2048
-_STRIP_LOADS_IN_FLIGHT = 8  # layers between barriers (below)
+# layers between barriers in the unrolled loop: without them ptxas hoists every layer's loads (ViT-B bf16
+# 250 registers); every 8 layers left ViT-L fp32 spilling 4 B under triton 3.7 (sm_80/90), every 4
+# spilled 8 B there too, every 6 spilled nowhere under triton 3.7 and 3.8 (tools/aot_check.py)
+_STRIP_LOADS_IN_FLIGHT = 6
 # layers per strip launch: more are split over launches that continue the fp32 running sum in `out`
 # (+8 bytes per element per extra launch). ViT-L's 18 layers in one launch sat at 255 registers and
 # spilled under triton 3.8 (sm_80, sm_90); 9 per launch do not.
