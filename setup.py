@@ -1,48 +1,145 @@
 """Install d2v: the Python package `d2v`, the Triton/reference kernels as `d2v.kernels`, and the
-optional C++/CUDA extension `d2v._C` from csrc/ (built only when sources exist and a compiler is
-usable; D2V_SKIP_EXT=1 turns it off). A pure-Python install always works.
+optional C++/CUDA extension `d2v._C` from csrc/.
+
+The extension only speeds up the EMA update: every op has a pure-Python path. That is why a failed
+extension build never fails the install:
+- the CUDA part (csrc/*.cu) is attempted with a CUDA build of torch and nvcc (CUDA_HOME or nvcc on
+  PATH). If it does not compile or link (a partial toolkit without the cuBLAS/cuSPARSE headers torch
+  includes, an nvcc whose major version differs from torch's CUDA, ...), d2v._C is rebuilt CPU-only;
+- if the CPU part does not build either (no working C++ compiler), d2v installs without d2v._C.
+Each fallback prints a warning that says why (pip shows it with `pip install -v`), and at run time
+`d2v.ops.backend()` reports which path each op takes.
+
+Environment: D2V_SKIP_EXT=1 skips the extension, D2V_NO_CUDA=1 builds its CPU part only,
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (e.g. "8.0;9.0").
 
 Develop with: pip install --no-build-isolation -e .
+(torch is not a build requirement on purpose: an isolated build would download a second torch.)
 """
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+# No -std= for either compiler: torch appends the C++ standard its own headers need (C++20 for current
+# releases; torch 2.14's headers refuse to compile as C++17), and nvcc accepts only one -std.
+NVCC_FLAGS = ["-O3", "--use_fast_math"]
+LINK_FLAGS = ["-fopenmp"]
 
 
-def ext_modules():
+def warn(msg: str) -> None:
+    print(f"d2v: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob(pattern))
+
+
+def cuda_skip_reason(torch, cuda_home) -> str | None:
+    """Why the CUDA part is not even attempted, or None to attempt it."""
+    if os.environ.get("D2V_NO_CUDA") == "1":
+        return "D2V_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def extensions() -> list:
+    """[d2v._C] to build, or [] when there is nothing to build. A CUDA extension carries its CPU-only
+    twin as `cpu_fallback` for BuildExtWithFallback."""
     if os.environ.get("D2V_SKIP_EXT") == "1":
-        return [], {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    if not sources:  # csrc/ holds no sources yet: nothing to build
-        return [], {}
+        print("d2v: D2V_SKIP_EXT=1: not building the d2v._C extension")
+        return []
+    cpp = _sources("*.cpp")
+    if not cpp:  # an sdist or checkout without csrc/
+        return []
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        print("d2v: torch not importable at build time; skipping the d2v._C extension")
-        return [], {}
-    cxx = ["-O3", "-g0", "-fopenmp"]
-    # the CUDA kernels need a CUDA build of torch (its headers and libs) and nvcc; a CPU torch builds the
-    # CPU part only (../shared/ENV.md: a CUDA extension cannot build against the CPU torch)
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("D2V_NO_CUDA") != "1"
-    if with_cuda:
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-        ext = CUDAExtension("d2v._C", sources, define_macros=[("D2V_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-                            extra_link_args=["-fopenmp"])
-    else:
-        ext = CppExtension("d2v._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
-    print(f"d2v: building d2v._C ({'C++ + CUDA' if with_cuda else 'C++ CPU only'}) from {sources}")
-    return [ext], {"build_ext": BuildExtension}
+        from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    except Exception as e:  # noqa: BLE001 - no (working) torch: the package is still usable without _C
+        warn(f"torch is not importable at build time ({type(e).__name__}: {e}); installing d2v without "
+             f"the d2v._C extension (install torch first and use pip install --no-build-isolation)")
+        return []
+    cpu = CppExtension("d2v._C", cpp, extra_compile_args=list(CXX_FLAGS), extra_link_args=list(LINK_FLAGS))
+    why = cuda_skip_reason(torch, CUDA_HOME)
+    if why is None:
+        try:
+            ext = CUDAExtension("d2v._C", cpp + _sources("*.cu"), define_macros=[("D2V_WITH_CUDA", None)],
+                                extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
+                                extra_link_args=list(LINK_FLAGS))
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA_HOME points at no toolkit
+            why = f"{type(e).__name__}: {e}"
+        else:
+            ext.cpu_fallback = cpu
+            print(f"d2v: building d2v._C (C++ + CUDA, CUDA_HOME={CUDA_HOME}) from {ext.sources}")
+            return [ext]
+    print(f"d2v: building d2v._C (C++ CPU only: {why}) from {cpu.sources}")
+    return [cpu]
 
 
-exts, cmdclass = ext_modules()
-setup(
-    packages=["d2v", "d2v.data", "d2v.modalities", "d2v.kernels"],
-    package_dir={"d2v.kernels": "kernels"},
-    ext_modules=exts,
-    cmdclass=cmdclass,
-)
+def first_error_line(e: BaseException) -> str:
+    """The most telling line of a build error: the compiler's first `error:` line, else the first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    line = next((ln for ln in lines if "error:" in ln.lower()), lines[0])
+    return f"{type(e).__name__}: {line[:300]}"
+
+
+def build_ext_class():
+    """torch's BuildExtension, made unable to fail the install (see the module docstring)."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExtWithFallback(BuildExtension):
+        """Builds d2v._C with CUDA; on any failure rebuilds it CPU-only; on another failure drops it.
+
+        torch raises from several places (the nvcc version check, ninja, the compiler, the linker), so
+        the whole `build_extensions` is retried rather than one compile step."""
+
+        def build_extensions(self) -> None:
+            why = self._try_build()
+            if why is None:
+                return
+            if any(hasattr(ext, "cpu_fallback") for ext in self.extensions):
+                warn(f"the CUDA part of d2v._C did not build ({why}; see the build output above); "
+                     f"building d2v._C for the CPU only")
+                for ext in self.extensions:
+                    if hasattr(ext, "cpu_fallback"):
+                        # become the CPU twin in place: its sources, macros, libraries and flags replace
+                        # the CUDA ones; what setuptools attached to this object while finalizing stays
+                        cpu = ext.cpu_fallback
+                        del ext.cpu_fallback
+                        vars(ext).update(vars(cpu))
+                why = self._try_build()
+                if why is None:
+                    return
+            warn(f"d2v._C did not build ({why}); installing d2v without it: every op has a pure-Python "
+                 f"path (d2v.ops.backend() reports which one runs)")
+            self.extensions = []  # nothing to copy or install
+
+        def _try_build(self) -> str | None:
+            """Build every extension: None on success, else why not. torch patches the compiler object
+            while building; that is undone on failure so a retry starts clean."""
+            saved = dict(vars(self.compiler))
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001 - CompileError, LinkError, RuntimeError from ninja, ...
+                vars(self.compiler).clear()
+                vars(self.compiler).update(saved)
+                return first_error_line(e)
+            return None
+
+    return BuildExtWithFallback
+
+
+if __name__ == "__main__":  # importable by tests without building anything
+    exts = extensions()
+    setup(
+        packages=["d2v", "d2v.data", "d2v.modalities", "d2v.kernels"],
+        package_dir={"d2v.kernels": "kernels"},
+        ext_modules=exts,
+        cmdclass={"build_ext": build_ext_class()} if exts else {},
+    )

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from d2v._optional import MissingDependency
 from d2v.config import ConfigError
 
 SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
@@ -38,7 +39,7 @@ def _pretrain(args) -> int:
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
           f"target_var {f.get('target_var', float('nan')):.3f} pred_var {f.get('pred_var', float('nan')):.3f}")
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics: {summary['metrics_csv']}\n"
-          f"  loss curve: {summary['loss_curve']}")
+          f"  loss curve: {summary['loss_curve'] or 'not drawn (no logged steps, or matplotlib is not installed)'}")
     if summary.get("skipped_steps"):
         print(f"  skipped {summary['skipped_steps']} step(s) with a non-finite loss")
     bad = summary["unreadable_files"]
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, MissingDependency, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"d2v {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the loss diverged: the last complete checkpoint is kept

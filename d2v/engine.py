@@ -39,6 +39,7 @@ import torch
 import yaml
 
 from d2v import ops
+from d2v._optional import require
 from d2v.checkpoint import CONFIG_FILE, begin_checkpoint, commit_checkpoint, load_checkpoint, write_state
 from d2v.config import Config, ConfigError, _deep_merge, _flat, check_resume_config
 from d2v.ema import EMATeacher, ema_decay
@@ -684,6 +685,7 @@ def consolidate(state: dict, ck: Path) -> tuple[dict, dict]:
     if stage == 0:
         student = _zero0_student(ck)
     else:
+        require("deepspeed", "exporting a ZeRO-1/2/3 checkpoint")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         student = dict(get_fp32_state_dict_from_zero_checkpoint(str(ck), tag=DS_TAG))
@@ -703,7 +705,10 @@ def consolidate(state: dict, ck: Path) -> tuple[dict, dict]:
 
 def make_trainer(cfg: Config, **kw) -> Trainer:
     """The trainer `d2v pretrain` runs: DeepSpeed when engine.name says so (auto: under a launcher)."""
-    return DeepSpeedTrainer(cfg, **kw) if use_deepspeed(cfg) else Trainer(cfg, **kw)
+    if use_deepspeed(cfg):
+        require("deepspeed", "the DeepSpeed engine (engine.name=deepspeed, or a torchrun/deepspeed launch)")
+        return DeepSpeedTrainer(cfg, **kw)
+    return Trainer(cfg, **kw)
 
 
 __all__ = ["deepspeed_config", "use_deepspeed", "launched_distributed", "build_optimizer",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from d2v._optional import optional
+
 COLUMNS = ("step", "loss", "loss_reg", "loss_cls", "target_var", "pred_var", "ema_decay", "lr",
            "grad_norm", "samples_per_s", "elapsed_s")
 
@@ -62,12 +64,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss_curve(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Loss (and its parts), target/pred std and lr against step, as one PNG."""
+    """Loss (and its parts), target/pred std and lr against step, as one PNG; None when there is nothing
+    to plot or matplotlib is not installed (warned once)."""
     rows = read_metrics(csv_path)
     if not rows:
         return None
-    import matplotlib
-
+    matplotlib = optional("matplotlib", "the loss-curve PNG")
+    if matplotlib is None:  # the run's numbers are in metrics.csv; a missing plot must not fail it
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -34,15 +34,17 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from d2v.data.sampler import ResumableBatchSampler, build_loader
+from d2v._optional import require
 from d2v.data.files import walk_files
+from d2v.data.sampler import ResumableBatchSampler, build_loader
 from d2v.data.seed import derive_seed
 from d2v.masking import span_mask
+
+sf = require("soundfile", "audio data")  # importing this module is asking for audio
 
 __all__ = [
     "AUDIO_EXTENSIONS",

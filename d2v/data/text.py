@@ -41,9 +41,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from d2v._optional import require
 from d2v.data.files import walk_files
 from d2v.data.seed import derive_seed
 from d2v.masking import random_mask
+
+require("tokenizers", "text data")  # importing this module is asking for text (the imports below are lazy)
 
 __all__ = [
     "BOS", "PAD", "EOS", "UNK", "BOS_ID", "PAD_ID", "EOS_ID", "UNK_ID", "SPECIAL_TOKENS",
