@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,17 +23,50 @@ __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "check_res
 
 
 class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the dotted key."""
+    """One or more config keys or values are invalid; each message names its dotted key.
+
+    `errors` holds one message per bad key; with several, str() lists them one per line."""
+
+    def __init__(self, *errors: str, where: str = ""):
+        self.errors = list(errors)
+        if len(errors) == 1:
+            text = f"{where}{errors[0]}"
+        else:
+            text = f"{where}{len(errors)} invalid config values:" + "".join(f"\n  {e}" for e in errors)
+        super().__init__(text)
 
 
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+class _Check:
+    """Collects one message per bad key; each method returns whether its value is valid."""
 
+    def __init__(self):
+        self.errors: list[str] = []
 
-def _range(key: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
-    if not (lo <= value <= hi) or (hi_open and value >= hi):
-        raise ConfigError(f"{key}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    def fail(self, msg: str) -> bool:
+        self.errors.append(msg)
+        return False
+
+    def choice(self, key: str, value: Any, choices: tuple) -> bool:
+        return value in choices or self.fail(f"{key}: expected one of {list(choices)}, got {value!r}")
+
+    def at_least(self, key: str, value: Any, lo: int | float, null_ok: bool = False) -> bool:
+        if value is None and null_ok:
+            return True
+        return value >= lo or self.fail(f"{key} must be >= {lo}{' or null' if null_ok else ''}, got {value!r}")
+
+    def positive(self, key: str, value: Any, null_ok: bool = False) -> bool:
+        if value is None and null_ok:
+            return True
+        return value > 0 or self.fail(f"{key} must be > 0{' or null' if null_ok else ''}, got {value!r}")
+
+    def range(self, key: str, value: float, lo: float, hi: float, lo_open: bool = False,
+              hi_open: bool = False) -> bool:
+        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        return ok or self.fail(f"{key}: expected a value in {'(' if lo_open else '['}{lo}, {hi}"
+                               f"{')' if hi_open else ']'}, got {value!r}")
+
+    def divisible(self, key: str, value: int, by_key: str, by: int) -> bool:
+        return value % by == 0 or self.fail(f"{key} ({value}) must be divisible by {by_key} ({by})")
 
 
 @dataclass(kw_only=True)
@@ -46,20 +80,16 @@ class DecoderConfig:
     projection_layers: int = 1  # final projection: 1 = Linear(dim, D); 2 = Linear -> GELU -> Linear (text)
     projection_ratio: float = 2.0  # hidden width of the 2-layer projection, as a multiple of dim
 
-    def validate(self, p: str) -> None:
-        if self.kernel % 2 != 1:
-            raise ConfigError(f"{p}.kernel: must be odd ('same' padding), got {self.kernel}")
+    def validate(self, p: str, c: _Check) -> None:
         for k in ("dim", "layers", "groups"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{p}.{k}: must be >= 1, got {getattr(self, k)}")
-        if self.dim % self.groups:
-            raise ConfigError(f"{p}.dim ({self.dim}) must be divisible by {p}.groups ({self.groups})")
-        _range(f"{p}.input_dropout", self.input_dropout, 0.0, 1.0, hi_open=True)
-        _choice(f"{p}.projection_layers", self.projection_layers, (1, 2))
-        if self.projection_ratio <= 0:
-            raise ConfigError(f"{p}.projection_ratio must be > 0, got {self.projection_ratio}")
-
-
+            c.at_least(f"{p}.{k}", getattr(self, k), 1)
+        if c.at_least(f"{p}.kernel", self.kernel, 1) and self.kernel % 2 != 1:
+            c.fail(f"{p}.kernel: must be odd ('same' padding), got {self.kernel}")
+        if self.dim >= 1 and self.groups >= 1:
+            c.divisible(f"{p}.dim", self.dim, f"{p}.groups", self.groups)
+        c.range(f"{p}.input_dropout", self.input_dropout, 0.0, 1.0, hi_open=True)
+        c.choice(f"{p}.projection_layers", self.projection_layers, (1, 2))
+        c.positive(f"{p}.projection_ratio", self.projection_ratio)
 MODALITIES = ("image", "audio", "text")
 
 
@@ -103,38 +133,41 @@ class ModelConfig:
     head: str = "decoder"  # "decoder" (2.0 conv decoder) | "linear" (data2vec 1.0: a Linear on the student's masked outputs)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
-    def validate(self, p: str = "model") -> None:
-        _choice(f"{p}.modality", self.modality, MODALITIES)
-        _choice(f"{p}.attention", self.attention, ("sdpa", "eager"))
-        _choice(f"{p}.head", self.head, ("decoder", "linear"))
+    def validate(self, p: str, c: _Check) -> None:
+        c.choice(f"{p}.modality", self.modality, MODALITIES)
+        c.choice(f"{p}.attention", self.attention, ("sdpa", "eager"))
+        c.choice(f"{p}.head", self.head, ("decoder", "linear"))
         if self.head == "linear" and self.skip_masked:
-            raise ConfigError(f"{p}.head: linear (data2vec 1.0) predicts from the full-length student's outputs: "
-                              f"set {p}.skip_masked: false")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
-                              f"{p}.num_heads ({self.num_heads})")
-        if self.modality == "image":
-            if self.image_size % self.patch_size:
-                raise ConfigError(f"{p}.image_size ({self.image_size}) must be a multiple of "
-                                  f"{p}.patch_size ({self.patch_size})")
-            if self.embed_dim % 4:
-                raise ConfigError(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), "
-                                  f"got {self.embed_dim}")
-        if self.modality == "audio":
-            if self.conv_dim < 1 or self.conv_pos_depth < 0 or self.conv_pos_width < 1:
-                raise ConfigError(f"{p}: need conv_dim >= 1, conv_pos_depth >= 0, conv_pos_width >= 1")
-            if self.conv_pos_depth and self.embed_dim % self.conv_pos_groups:
-                raise ConfigError(f"{p}.embed_dim ({self.embed_dim}) must be divisible by "
-                                  f"{p}.conv_pos_groups ({self.conv_pos_groups})")
-        if self.modality == "text" and (self.vocab_size < 8 or self.max_positions < 2):
-            raise ConfigError(f"{p}: need vocab_size >= 8 and max_positions >= 2")
-        if self.depth < 1 or self.prenet_depth < 0 or self.num_extra_tokens < 0:
-            raise ConfigError(f"{p}: need depth >= 1, prenet_depth >= 0, num_extra_tokens >= 0")
+            c.fail(f"{p}.head: linear (data2vec 1.0) predicts from the full-length student's outputs: "
+                   f"set {p}.skip_masked: false")
+        # every key on its own first (the same bounds whatever the modality), then the keys it must fit
+        ok = {k: c.at_least(f"{p}.{k}", getattr(self, k), 1)
+              for k in ("image_size", "patch_size", "in_chans", "conv_dim", "conv_pos_width", "conv_pos_groups",
+                        "embed_dim", "depth", "num_heads")}
+        c.at_least(f"{p}.conv_pos_depth", self.conv_pos_depth, 0)
+        c.at_least(f"{p}.vocab_size", self.vocab_size, 8)
+        c.at_least(f"{p}.max_positions", self.max_positions, 2)
+        c.at_least(f"{p}.prenet_depth", self.prenet_depth, 0)
+        c.at_least(f"{p}.num_extra_tokens", self.num_extra_tokens, 0)
+        c.positive(f"{p}.mlp_ratio", self.mlp_ratio)
+        c.positive(f"{p}.norm_eps", self.norm_eps)
         for k in ("encoder_dropout", "attention_dropout", "activation_dropout", "post_mlp_dropout",
                   "prenet_dropout", "layerdrop"):
-            _range(f"{p}.{k}", getattr(self, k), 0.0, 1.0, hi_open=True)
-        self.decoder.validate(f"{p}.decoder")
-
+            c.range(f"{p}.{k}", getattr(self, k), 0.0, 1.0, hi_open=True)
+        d = self.decoder
+        d.validate(f"{p}.decoder", c)
+        if ok["embed_dim"] and ok["num_heads"]:
+            c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.num_heads", self.num_heads)
+        if ok["embed_dim"] and self.head == "decoder" and d.groups >= 1:  # the first decoder conv reads D channels
+            c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.decoder.groups", d.groups)
+        if self.modality == "image" and ok["image_size"] and ok["patch_size"]:
+            if self.image_size % self.patch_size:
+                c.fail(f"{p}.image_size ({self.image_size}) must be a multiple of "
+                       f"{p}.patch_size ({self.patch_size})")
+        if self.modality == "image" and ok["embed_dim"] and self.embed_dim % 4:
+            c.fail(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), got {self.embed_dim}")
+        if self.modality == "audio" and self.conv_pos_depth and ok["embed_dim"] and ok["conv_pos_groups"]:
+            c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.conv_pos_groups", self.conv_pos_groups)
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
@@ -147,13 +180,13 @@ class MaskingConfig:
     mask_prob_adjust: float = 0.07  # inflates the number of block centres only
     clone_batch: int = 16  # M: masked copies per sample sharing one teacher pass
 
-    def validate(self, p: str = "masking") -> None:
-        _range(f"{p}.mask_prob", self.mask_prob, 0.0, 1.0, hi_open=True)
-        if self.mask_length < 1 or self.clone_batch < 1:
-            raise ConfigError(f"{p}: mask_length and clone_batch must be >= 1")
-        _range(f"{p}.mask_prob_adjust", self.mask_prob_adjust, 0.0, 1.0)
-
-
+    def validate(self, p: str, c: _Check) -> None:
+        # 0 masks nothing (no loss, NaN target statistics); the image check against the patch count is in
+        # Config.validate
+        c.range(f"{p}.mask_prob", self.mask_prob, 0.0, 1.0, lo_open=True, hi_open=True)
+        c.at_least(f"{p}.mask_length", self.mask_length, 1)
+        c.at_least(f"{p}.clone_batch", self.clone_batch, 1)
+        c.range(f"{p}.mask_prob_adjust", self.mask_prob_adjust, 0.0, 1.0)
 @dataclass(kw_only=True)
 class ObjectiveConfig:
     average_top_k_layers: Optional[int] = None  # K: targets average the last K main blocks (null = all)
@@ -167,29 +200,23 @@ class ObjectiveConfig:
     min_pred_var: float = 0.0  # collapse guard (0 = off): stop if pred_var falls below
     collapse_check_after: int = 5000  # steps before the collapse guard is armed
 
-    def validate(self, p: str = "objective") -> None:
-        _choice(f"{p}.final_norm", self.final_norm, ("none", "layer", "instance"))
-        if self.average_top_k_layers is not None and self.average_top_k_layers < 1:
-            raise ConfigError(f"{p}.average_top_k_layers must be >= 1, got {self.average_top_k_layers}")
-        if self.loss_beta < 0 or self.cls_loss < 0 or self.decoder_noise_std < 0:
-            raise ConfigError(f"{p}: loss_beta, cls_loss and decoder_noise_std must be >= 0")
-        if self.loss_scale is not None and self.loss_scale <= 0:
-            raise ConfigError(f"{p}.loss_scale must be > 0 or null, got {self.loss_scale}")
-
-
+    def validate(self, p: str, c: _Check) -> None:
+        c.choice(f"{p}.final_norm", self.final_norm, ("none", "layer", "instance"))
+        c.at_least(f"{p}.average_top_k_layers", self.average_top_k_layers, 1, null_ok=True)
+        for k in ("loss_beta", "cls_loss", "decoder_noise_std", "min_target_var", "min_pred_var",
+                  "collapse_check_after"):
+            c.at_least(f"{p}.{k}", getattr(self, k), 0)
+        c.positive(f"{p}.loss_scale", self.loss_scale, null_ok=True)
 @dataclass(kw_only=True)
 class EMAConfig:
     ema_start: float = 0.9998  # teacher decay at step 0
     ema_end: float = 0.99999  # decay reached at anneal_end_step (1.0 freezes the teacher)
     anneal_end_step: int = 100000  # linear ramp length in optimizer steps
 
-    def validate(self, p: str = "ema") -> None:
-        _range(f"{p}.ema_start", self.ema_start, 0.0, 1.0)
-        _range(f"{p}.ema_end", self.ema_end, 0.0, 1.0)
-        if self.anneal_end_step < 0:
-            raise ConfigError(f"{p}.anneal_end_step must be >= 0")
-
-
+    def validate(self, p: str, c: _Check) -> None:
+        c.range(f"{p}.ema_start", self.ema_start, 0.0, 1.0)
+        c.range(f"{p}.ema_end", self.ema_end, 0.0, 1.0)
+        c.at_least(f"{p}.anneal_end_step", self.anneal_end_step, 0)
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate
@@ -201,15 +228,13 @@ class OptimConfig:
     min_lr: float = 0.0
     clip_norm: float = 4.0  # 0 = no clipping
 
-    def validate(self, p: str = "optim") -> None:
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.clip_norm < 0 or self.min_lr < 0:
-            raise ConfigError(f"{p}: lr, eps must be > 0; weight_decay, clip_norm, min_lr >= 0")
+    def validate(self, p: str, c: _Check) -> None:
+        c.positive(f"{p}.lr", self.lr)
         for i, b in enumerate(self.betas):
-            _range(f"{p}.betas[{i}]", b, 0.0, 1.0, hi_open=True)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{p}.warmup_steps must be >= 0")
-
-
+            c.range(f"{p}.betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        c.positive(f"{p}.eps", self.eps)
+        for k in ("weight_decay", "warmup_steps", "min_lr", "clip_norm"):
+            c.at_least(f"{p}.{k}", getattr(self, k), 0)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
@@ -229,18 +254,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the step's forward + backward (single-process engine)
     compile_mode: str = "default"  # torch.compile mode: "default" | "max-autotune-no-cudagraphs"
 
-    def validate(self, p: str = "train") -> None:
-        _choice(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
+    def validate(self, p: str, c: _Check) -> None:
+        c.choice(f"{p}.precision", self.precision, ("fp32", "bf16", "fp16"))
         # CUDA-graph modes ("reduce-overhead", "max-autotune") are not offered: untested on a GPU, and
         # audio batches change length (a graph recorded per shape)
-        _choice(f"{p}.compile_mode", self.compile_mode, COMPILE_MODES)
+        c.choice(f"{p}.compile_mode", self.compile_mode, COMPILE_MODES)
         for k in ("max_steps", "batch_size", "log_every", "ckpt_every", "keep_last"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{p}.{k} must be >= 1, got {getattr(self, k)}")
-        if self.num_threads < 0:
-            raise ConfigError(f"{p}.num_threads must be >= 0")
-
-
+            c.at_least(f"{p}.{k}", getattr(self, k), 1)
+        c.at_least(f"{p}.seed", self.seed, 0)
+        c.at_least(f"{p}.num_threads", self.num_threads, 0)
 @dataclass(kw_only=True)
 class DataConfig:
     # image folder (class subfolders optional) | audio manifest (.tsv) or folder | text file or folder;
@@ -261,37 +283,30 @@ class DataConfig:
     tokens_per_sample: Optional[int] = None  # text: pretraining block length incl. <s>; null = model.max_positions
     num_workers: int = 2  # DataLoader worker processes
 
-    def validate(self, p: str = "data") -> None:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"{p}.crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ConfigError(f"{p}.crop_ratio: expected 0 < lo <= hi, got {self.crop_ratio}")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ConfigError(f"{p}.std must be > 0, got {self.std}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{p}.num_workers must be >= 0")
-        if self.sample_rate < 1000:
-            raise ConfigError(f"{p}.sample_rate must be >= 1000 Hz, got {self.sample_rate}")
-        for k in ("max_sample_size", "min_sample_size"):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise ConfigError(f"{p}.{k} must be >= 1 or null, got {getattr(self, k)}")
-        if self.tokens_per_sample is not None and self.tokens_per_sample < 2:
-            raise ConfigError(f"{p}.tokens_per_sample must be >= 2, got {self.tokens_per_sample}")
-
-
+    def validate(self, p: str, c: _Check) -> None:
+        ok = [c.range(f"{p}.crop_scale[{i}]", v, 0.0, 1.0, lo_open=True) for i, v in enumerate(self.crop_scale)]
+        if all(ok) and self.crop_scale[0] > self.crop_scale[1]:
+            c.fail(f"{p}.crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
+        ok = [c.positive(f"{p}.crop_ratio[{i}]", v) for i, v in enumerate(self.crop_ratio)]
+        if all(ok) and self.crop_ratio[0] > self.crop_ratio[1]:
+            c.fail(f"{p}.crop_ratio: expected 0 < lo <= hi, got {self.crop_ratio}")
+        for i, v in enumerate(self.std or ()):
+            c.positive(f"{p}.std[{i}]", v)
+        c.at_least(f"{p}.num_workers", self.num_workers, 0)
+        c.at_least(f"{p}.sample_rate", self.sample_rate, 1000)  # Hz
+        c.at_least(f"{p}.max_sample_size", self.max_sample_size, 1, null_ok=True)
+        c.at_least(f"{p}.min_sample_size", self.min_sample_size, 1, null_ok=True)
+        c.at_least(f"{p}.tokens_per_sample", self.tokens_per_sample, 2, null_ok=True)
 @dataclass(kw_only=True)
 class ProbeConfig:
     pool: str = "mean"  # features: "mean" of final tokens (padding excluded) | "cls" output
     shots: int = 10  # labelled examples per class for the few-shot probe (the full probe also runs)
     seed: int = 0  # few-shot selection and validation split
 
-    def validate(self, p: str = "probe") -> None:
-        _choice(f"{p}.pool", self.pool, ("mean", "cls"))
-        if self.shots < 1:
-            raise ConfigError(f"{p}.shots must be >= 1")
-
-
+    def validate(self, p: str, c: _Check) -> None:
+        c.choice(f"{p}.pool", self.pool, ("mean", "cls"))
+        c.at_least(f"{p}.shots", self.shots, 1)
+        c.at_least(f"{p}.seed", self.seed, 0)
 ENGINES = ("auto", "single", "deepspeed")
 OPTIMIZERS = ("torch_adamw", "deepspeed_adam", "apex_fused_adam")
 
@@ -309,17 +324,15 @@ class EngineConfig:
     ds_config: Optional[str] = None  # DeepSpeed JSON: adds keys d2v does not derive (derived ones must agree)
     max_nonfinite_steps: int = 10  # stop after this many non-finite-loss steps in a row (each is skipped)
 
-    def validate(self, p: str = "engine") -> None:
-        _choice(f"{p}.name", self.name, ENGINES)
-        _choice(f"{p}.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
-        if self.grad_accum_steps < 1 or self.max_nonfinite_steps < 1:
-            raise ConfigError(f"{p}: grad_accum_steps and max_nonfinite_steps must be >= 1")
+    def validate(self, p: str, c: _Check) -> None:
+        c.choice(f"{p}.name", self.name, ENGINES)
+        c.choice(f"{p}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        c.choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
+        c.at_least(f"{p}.grad_accum_steps", self.grad_accum_steps, 1)
+        c.at_least(f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, 1)
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError(f"{p}.offload_optimizer needs {p}.zero_stage >= 1 (DeepSpeed offloads "
-                              f"only partitioned optimizer states)")
-
-
+            c.fail(f"{p}.offload_optimizer needs {p}.zero_stage >= 1 (DeepSpeed offloads "
+                   f"only partitioned optimizer states)")
 @dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -333,25 +346,40 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> "Config":
+        """Check every key, then the keys that must fit each other; raise one ConfigError listing all."""
+        c = _Check()
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
-        k = self.objective.average_top_k_layers
-        if k is not None and k > self.model.depth:
-            raise ConfigError(f"objective.average_top_k_layers ({self.objective.average_top_k_layers}) "
-                              f"exceeds model.depth ({self.model.depth})")
+            getattr(self, f.name).validate(f.name, c)
+        if c.errors:  # the checks below assume each key is valid on its own
+            raise ConfigError(*c.errors)
         m = self.model
+        k = self.objective.average_top_k_layers
+        if k is not None and k > m.depth:
+            c.fail(f"objective.average_top_k_layers ({k}) exceeds model.depth ({m.depth})")
         if m.modality == "text" and (self.data.tokens_per_sample or 0) > m.max_positions:
-            raise ConfigError(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
-                              f"model.max_positions ({m.max_positions})")
+            c.fail(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
+                   f"model.max_positions ({m.max_positions})")
         if self.train.precision == "fp16" and self.engine.name == "single":
-            raise ConfigError("train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
-                              "auto; the single-process engine supports fp32 and bf16")
+            c.fail("train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
+                   "auto; the single-process engine supports fp32 and bf16")
         if m.modality != "image" and m.num_extra_tokens != 0:
-            raise ConfigError(f"model.num_extra_tokens ({m.num_extra_tokens}): {m.modality} models have no "
-                              f"extra (CLS) tokens, as in the reference; only image models do")
+            c.fail(f"model.num_extra_tokens ({m.num_extra_tokens}): {m.modality} models have no "
+                   f"extra (CLS) tokens, as in the reference; only image models do")
         if self.probe.pool == "cls" and m.num_extra_tokens == 0:
-            raise ConfigError(f"probe.pool: 'cls' needs a CLS token (model.num_extra_tokens >= 1, image "
-                              f"only); use probe.pool=mean")
+            c.fail("probe.pool: 'cls' needs a CLS token (model.num_extra_tokens >= 1, image "
+                   "only); use probe.pool=mean")
+        if m.modality == "image" and m.image_size % m.patch_size == 0:
+            # every masked copy must keep one patch (the student's input) and mask one (the loss);
+            # kept = int(L * (1 - mask_prob)), as d2v.masking.inverse_block_mask counts it
+            n, p = m.grid ** 2, self.masking.mask_prob
+            kept = int(n * (1.0 - p))
+            where = f"of the {n} patches ({m.image_size}/{m.patch_size} per side)"
+            if kept < 1:
+                c.fail(f"masking.mask_prob: {p} keeps 0 {where}; lower it")
+            elif kept >= n:
+                c.fail(f"masking.mask_prob: {p} masks 0 {where}; raise it")
+        if c.errors:
+            raise ConfigError(*c.errors)
         return self
 
     def to_dict(self) -> dict:
@@ -368,11 +396,16 @@ class Config:
             raise ConfigError(f"model: expected a mapping of keys, got {model!r}")
         model = dict(model or {})
         modality = model.get("modality", ModelConfig().modality)
-        _choice("model.modality", modality, MODALITIES)
+        if modality not in MODALITIES:
+            raise ConfigError(f"model.modality: expected one of {list(MODALITIES)}, got {modality!r}")
         flavor = model.get("flavor", ModelConfig().flavor)
         d = _deep_merge(modality_defaults(modality), d)
         d["model"] = _deep_merge(flavor_defaults(flavor, modality, key="model.flavor"), model)
-        return _build(cls, d, "").validate()
+        errors: list[str] = []
+        cfg = _build(cls, d, "", errors)
+        if errors:  # unknown keys and wrong types, all of them, before the value checks
+            raise ConfigError(*errors)
+        return cfg.validate()
 
 
 def _to_plain(x: Any) -> Any:
@@ -401,7 +434,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
-        return _build(tp, value, key)
+        errors: list[str] = []
+        out = _build(tp, value, key, errors)
+        if errors:
+            raise ConfigError(*errors)
+        return out
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -412,15 +449,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        x = _number(value)
+        if isinstance(x, int):
+            return x
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        x = _number(value)
+        if x is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(x):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(x)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -428,7 +469,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
-def _build(cls: type, d: dict, prefix: str) -> Any:
+def _number(value: Any) -> int | float | None:
+    """An int or float from a YAML value, including strings such as '1e-3' (YAML 1.1 needs a dot in
+    floats, so PyYAML reads 1e-3 as a string); None if it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _build(cls: type, d: dict, prefix: str, errors: list[str]) -> Any:
+    """The dataclass `cls` from `d`; a bad key is added to `errors` and left at its default."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -438,8 +495,12 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             where = f"'{prefix}'" if prefix else "the top level"
-            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(names)}")
-        kwargs[k] = _coerce(hints[k], v, key)
+            errors.append(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(names)}")
+            continue
+        try:
+            kwargs[k] = _coerce(hints[k], v, key)
+        except ConfigError as e:
+            errors.extend(e.errors)
     return cls(**kwargs)
 
 
@@ -512,5 +573,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return Config.from_dict(d)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(*e.errors, where=f"{path}: " if path is not None else "") from None

@@ -123,3 +123,136 @@ def test_compile_may_change_on_resume():
     check_resume_config(saved, now, "ck")
     old = dict(saved, train={k: v for k, v in saved["train"].items() if not k.startswith("compile")})
     check_resume_config(old, now, "ck")
+
+
+# ---- every key checked before any work, one line per bad key -------------------------------------------------
+
+@pytest.mark.parametrize("override,line", [
+    ("model.patch_size=0", "model.patch_size must be >= 1, got 0"),
+    ("model.embed_dim=100", "model.embed_dim (100) must be divisible by model.decoder.groups (8)"),
+    ("masking.mask_prob=0", "masking.mask_prob: expected a value in (0.0, 1.0), got 0.0"),
+    ("masking.mask_prob=0.99", "masking.mask_prob: 0.99 keeps 0 of the 64 patches"),
+    ("masking.mask_prob=1e-20", "masking.mask_prob: 1e-20 masks 0 of the 64 patches"),
+])
+def test_bad_key_is_named_before_any_work(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny_image.yaml", [override])
+    assert line in str(e.value)
+
+
+def test_audio_embed_dim_must_fit_the_decoder_groups():
+    with pytest.raises(ConfigError, match=r"model.embed_dim \(100\) must be divisible by model.decoder.groups"):
+        load_config(CONFIGS / "tiny_audio.yaml", ["model.embed_dim=100", "model.num_heads=4",
+                                                  "model.conv_pos_groups=4"])
+
+
+def test_every_bad_key_gets_its_own_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny_image.yaml", ["optim.lr=-0.001", "optim.eps=0", "optim.clip_norm=-1",
+                                                  "train.batch_size=0"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{CONFIGS / 'tiny_image.yaml'}: 4 invalid config values:"
+    assert [s.strip() for s in lines[1:]] == [
+        "optim.lr must be > 0, got -0.001",
+        "optim.eps must be > 0, got 0.0",
+        "optim.clip_norm must be >= 0, got -1.0",
+        "train.batch_size must be >= 1, got 0",
+    ]
+    assert len(e.value.errors) == 4
+
+
+def test_type_errors_are_all_listed():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr=abc", "train.max_steps=x", "optim.lrr=1"])
+    text = str(e.value)
+    for key in ("optim.lr: expected a number, got 'abc'", "train.max_steps: expected an integer, got 'x'",
+                "unknown config key 'optim.lrr'"):
+        assert key in text
+
+
+# ---- numbers written without a dot (YAML 1.1 reads 1e-3 as a string) -----------------------------------------
+
+def test_exponent_numbers_are_numbers(tmp_path):
+    c = load_config(CONFIGS / "tiny_image.yaml", ["optim.lr=1e-3", "optim.eps=1E-8", "train.max_steps=1e3",
+                                                  "optim.betas=[9e-1, 0.95]"])
+    assert c.optim.lr == 1e-3 and c.optim.eps == 1e-8 and c.optim.betas == (0.9, 0.95)
+    assert c.train.max_steps == 1000 and type(c.train.max_steps) is int
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 5e-4\n")
+    assert load_config(p).optim.lr == 5e-4
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected an integer, got '1.5e0'"):
+        load_config(None, ["train.max_steps=1.5e0"])
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number, got nan"):
+        load_config(None, ["optim.lr=.nan"])
+
+
+# ---- property-style: every numeric key, a table of bad values per kind ------------------------------------------
+
+# the valid set of each numeric key; keys not listed are integers >= 1
+KINDS = {
+    "model.conv_pos_depth": ">=0", "model.prenet_depth": ">=0", "model.num_extra_tokens": ">=0",
+    "model.vocab_size": ">=8", "model.max_positions": ">=2", "model.mlp_ratio": ">0", "model.norm_eps": ">0",
+    "model.encoder_dropout": "[0,1)", "model.attention_dropout": "[0,1)", "model.activation_dropout": "[0,1)",
+    "model.post_mlp_dropout": "[0,1)", "model.prenet_dropout": "[0,1)", "model.layerdrop": "[0,1)",
+    "model.decoder.kernel": "odd", "model.decoder.input_dropout": "[0,1)",
+    "model.decoder.projection_layers": "{1,2}", "model.decoder.projection_ratio": ">0",
+    "masking.mask_prob": "(0,1)", "masking.mask_prob_adjust": "[0,1]",
+    "objective.loss_beta": ">=0", "objective.loss_scale": ">0", "objective.cls_loss": ">=0",
+    "objective.decoder_noise_std": ">=0", "objective.min_target_var": ">=0", "objective.min_pred_var": ">=0",
+    "objective.collapse_check_after": ">=0",
+    "ema.ema_start": "[0,1]", "ema.ema_end": "[0,1]", "ema.anneal_end_step": ">=0",
+    "optim.lr": ">0", "optim.betas": "[0,1)", "optim.eps": ">0", "optim.weight_decay": ">=0",
+    "optim.warmup_steps": ">=0", "optim.min_lr": ">=0", "optim.clip_norm": ">=0",
+    "train.seed": ">=0", "train.num_threads": ">=0",
+    "data.crop_scale": "(0,1]", "data.crop_ratio": ">0", "data.mean": "any", "data.std": ">0",
+    "data.sample_rate": ">=1000", "data.tokens_per_sample": ">=2", "data.num_workers": ">=0",
+    "probe.seed": ">=0", "engine.zero_stage": "{0,1,2,3}",
+}
+BAD = {
+    ">=1": [0, -1], ">=0": [-1], ">=2": [1, 0, -3], ">=8": [7, -1], ">=1000": [999, -1],
+    ">0": [0, -1e-3], "[0,1)": [-0.1, 1, 1.5], "(0,1)": [0, 1, -0.5], "[0,1]": [-0.1, 1.01], "(0,1]": [0, 1.5, -1],
+    "odd": [0, -1, 4], "{1,2}": [0, 3], "{0,1,2,3}": [-1, 4], "any": [],
+}
+NOT_NUMBERS = ["abc", "1e", "[1]", "true"]
+
+
+def _numeric_keys(cls=Config, prefix=""):
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, key = typing.get_type_hints(cls)[f.name], prefix + f.name
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_keys(tp, key + ".")
+        elif (args[0] if args else tp) in (int, float):
+            out.append((key, None))
+        elif typing.get_origin(tp) is tuple or (args and typing.get_origin(args[0]) is tuple):
+            out.append((key, len(typing.get_args(tp if typing.get_origin(tp) is tuple else args[0]))))
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def _cases():
+    for key, n in NUMERIC_KEYS:
+        for bad in BAD[KINDS.get(key, ">=1")] + NOT_NUMBERS:
+            if n is None:
+                yield key, f"{key}={bad}", key
+            else:  # a tuple: one bad element, the others the default
+                yield key, f"{key}=[{', '.join([str(bad)] + ['0.5'] * (n - 1))}]", f"{key}[0]"
+
+
+def test_numeric_keys_are_all_classified():
+    assert len(NUMERIC_KEYS) > 60
+    assert set(KINDS) <= {k for k, _ in NUMERIC_KEYS}
+
+
+@pytest.mark.parametrize("key,override,named", list(_cases()), ids=lambda x: str(x))
+def test_every_numeric_key_rejects_bad_values(key, override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny_image.yaml", [override])
+    lines = [s.strip().removeprefix(f"{CONFIGS / 'tiny_image.yaml'}: ") for s in str(e.value).splitlines()]
+    assert any(s.startswith(named) and s[len(named)] in " :" for s in lines), (override, str(e.value))
