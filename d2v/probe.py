@@ -116,6 +116,26 @@ def _split(ds_all, seed: int):
     return sub(ds_all, tr.tolist()), sub(ds_all, te.tolist())
 
 
+def _test_to_train_labels(ds_train, ds_test) -> np.ndarray | None:
+    """Test label -> train label, matched by class name, or None when the two already agree.
+
+    Labels are positions in a split's own class list: a test split built without the train split's
+    list and lacking a class numbers the rest differently (train [a, b, c] -> 0, 1, 2; test [a, c] ->
+    0, 1), and the probe would then score c as b. A test class the train split lacks cannot be
+    scored at all, so it is an error naming the class and the test folder."""
+    tr, te = getattr(ds_train, "classes", None), getattr(ds_test, "classes", None)
+    if not tr or not te or list(tr) == list(te):
+        return None
+    index = {name: k for k, name in enumerate(tr)}
+    extra = [name for name in te if name not in index]
+    if extra:
+        where = getattr(ds_test, "root", "the test split")
+        raise ValueError(f"{where}: test class(es) {extra} not in the train split's classes {list(tr)} "
+                         f"({getattr(ds_train, 'root', 'train split')}); the probe can only score classes "
+                         f"it was trained on: add them to train or remove them from test")
+    return np.array([index[name] for name in te])
+
+
 class UnlabelledData(ValueError):
     """The probe's data has no labels (`d2v pretrain` then skips the probe with a note)."""
 
@@ -134,10 +154,13 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
             continue
         if ds_test is None:
             ds_train, ds_test = _split(ds_train, seed)
+        to_train = _test_to_train_labels(ds_train, ds_test)  # None: both splits number classes alike
         res = {}
         for name, model in encoders.items():
             x_tr, y_tr = extract_features(model, ds_train, task, pool, device)
             x_te, y_te = extract_features(model, ds_test, task, pool, device)
+            if to_train is not None:
+                y_te = np.where(y_te >= 0, to_train[np.maximum(y_te, 0)], y_te)
             few = few_shot_indices(y_tr, shots, seed)
             res[name] = {"full": logreg_accuracy(x_tr, y_tr, x_te, y_te, seed),
                          f"{shots}shot": logreg_accuracy(x_tr[few], y_tr[few], x_te, y_te, seed)}

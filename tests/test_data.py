@@ -454,3 +454,59 @@ def test_loader_workers_match_main_process_and_resume(tmp_path):
     for a, b in zip(ref[3:], resumed):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
         assert torch.equal(a["index"], b["index"])
+
+
+# ---- class lists shared between splits, symlinks, 16-bit images ------------------------------
+
+
+def test_scan_test_split_uses_train_class_list(tmp_path):
+    """A test split lacking class b numbers a and c as the train split does (0 and 2), not 0 and 1."""
+    _make_folder(tmp_path / "train", n_per_class=1, classes=("a", "b", "c"))
+    _make_folder(tmp_path / "test", n_per_class=1, classes=("a", "c"))
+    tr = ImageFolderDataset(tmp_path / "train", image_size=8, train=False)
+    te = ImageFolderDataset(tmp_path / "test", image_size=8, train=False, classes=tr.classes)
+    assert te.classes == ["a", "b", "c"]
+    assert [(p.parent.name, y) for p, y in te.samples] == [("a", 0), ("c", 2)]
+
+
+def test_scan_class_missing_from_given_list_raises(tmp_path):
+    """A test-only class is an error naming the class and its folder."""
+    _make_folder(tmp_path, n_per_class=1, classes=("a", "zebra"))
+    with pytest.raises(ValueError, match="zebra") as err:
+        scan_image_folder(tmp_path, classes=["a", "b"])
+    assert str(tmp_path / "zebra") in str(err.value)
+
+
+def test_scan_symlink_loop_lists_each_file_once(tmp_path):
+    """cats/loop -> .. must not list dogs/ or the loose root image again under cats; a directory
+    linked from two classes is listed once, under the first class that reaches it."""
+    _write_png(tmp_path / "cats" / "c.png")
+    _write_png(tmp_path / "dogs" / "d.png")
+    _write_png(tmp_path / "loose.png")
+    _write_png(tmp_path.parent / f"{tmp_path.name}_ext" / "e.png")
+    (tmp_path / "cats" / "loop").symlink_to("..")
+    (tmp_path / "cats" / "dogs_link").symlink_to(tmp_path / "dogs")
+    (tmp_path / "cats" / "ext").symlink_to(tmp_path.parent / f"{tmp_path.name}_ext")
+    (tmp_path / "dogs" / "ext").symlink_to(tmp_path.parent / f"{tmp_path.name}_ext")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loose root image is ignored with a warning
+        samples, classes = scan_image_folder(tmp_path)
+    assert classes == ["cats", "dogs"]
+    rel = [(str(p.relative_to(tmp_path)), y) for p, y in samples]
+    assert rel == [("cats/c.png", 0), ("cats/ext/e.png", 0), ("dogs/d.png", 1)]
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) decodes to value >> 8 in all three channels, not clipped to 255."""
+    from d2v.data.images import _decode_rgb
+
+    grad = (np.arange(64 * 256, dtype=np.uint32).reshape(64, 256) * 4).astype(np.uint16)  # 0..65532
+    path = tmp_path / "g16.png"
+    Image.fromarray(grad).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb = np.asarray(_decode_rgb(path))
+    assert rgb.shape == (64, 256, 3) and rgb.dtype == np.uint8
+    expected = (grad >> 8).astype(np.uint8)
+    for ch in range(3):
+        np.testing.assert_array_equal(rgb[..., ch], expected)
+    assert (rgb == 255).mean() < 0.01

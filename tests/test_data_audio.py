@@ -515,3 +515,22 @@ def test_prepare_speech_builds_real_dataset(tmp_path):
     t0 = time.perf_counter()
     assert prepare_speech(tmp_path) == root
     assert time.perf_counter() - t0 < 0.5 and train.entries[0].path.stat().st_mtime_ns == mtime
+
+
+def test_scan_symlink_loop_and_cross_class_link_list_each_file_once(tmp_path):
+    """A link loop (cats/loop -> ..) and a link into another class's folder list no file twice: links
+    are followed once, by real path, across the whole scan (before: dogs.wav also appeared under cats)."""
+    import os
+
+    import numpy as np
+    import soundfile as sf
+
+    from d2v.data.audio import scan_audio_folder
+
+    for c in ("cats", "dogs"):
+        (tmp_path / c).mkdir()
+        sf.write(tmp_path / c / f"{c}.wav", np.zeros(1600, dtype=np.float32), 16000)
+    os.symlink("..", tmp_path / "cats" / "loop")
+    os.symlink(tmp_path / "dogs", tmp_path / "cats" / "dogs_link")
+    entries = scan_audio_folder(tmp_path)
+    assert sorted((e.path.name, e.label) for e in entries) == [("cats.wav", "cats"), ("dogs.wav", "dogs")]

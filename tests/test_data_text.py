@@ -509,3 +509,17 @@ def test_word_order_dataset_same_bag_of_tokens(tmp_path):
         assert sorted(got.tolist()) == sorted(orig.tolist())
         assert torch.equal(got, orig) == (ds.labels[i] == 1)
         assert torch.equal(got, ds[i]["tokens"])  # deterministic
+
+
+def test_scan_symlink_loop_lists_each_file_once(tmp_path):
+    """A link loop (a/loop -> ..) lists no file twice under the wrong class (before: b/b.txt appeared
+    again under a)."""
+    import os
+
+    from d2v.data.text import scan_text_source
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / f"{c}.txt").write_text("hello world\n")
+    os.symlink("..", tmp_path / "a" / "loop")
+    assert sorted((p.name, label) for p, label in scan_text_source(tmp_path)) == [("a.txt", "a"), ("b.txt", "b")]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -125,9 +126,9 @@ def _is_audio(name: str) -> bool:
     return name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_audio(top: Path) -> list[Path]:
+def _walk_audio(top: Path, seen: set | None = None) -> list[Path]:
     """All audio files under `top` (hidden files skipped), sorted by path."""
-    return walk_files(top, lambda p: _is_audio(p.name))
+    return walk_files(top, lambda p: _is_audio(p.name), seen)
 
 
 def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
@@ -140,7 +141,10 @@ def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder {root} does not exist or is not a directory")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [(d.name, _walk_audio(d)) for d in subdirs]
+    # one walk over all classes, links followed once by real path: a link loop or a link into another
+    # class's folder lists nothing twice
+    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
+    per_class = [(d.name, _walk_audio(d, seen)) for d in subdirs]
     per_class = [(name, files) for name, files in per_class if files]
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_audio(p.name))
     if per_class:

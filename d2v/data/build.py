@@ -81,12 +81,12 @@ def normalization(cfg: Config) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def _image_dataset(cfg: Config, root: Path, train: bool, mask_fn=None) -> ImageFolderDataset:
+def _image_dataset(cfg: Config, root: Path, train: bool, mask_fn=None, classes=None) -> ImageFolderDataset:
     d, m = cfg.data, cfg.model
     mean, std = normalization(cfg)
     return ImageFolderDataset(root, image_size=m.image_size, train=train, crop_scale=d.crop_scale,
                               crop_ratio=d.crop_ratio, hflip=d.hflip, mean=mean, std=std,
-                              seed=cfg.train.seed, mask_fn=mask_fn)
+                              seed=cfg.train.seed, mask_fn=mask_fn, classes=classes)
 
 
 def _image_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
@@ -107,7 +107,8 @@ def _image_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
 
     root = _user_path(cfg) or prepare_digits()
     if _has_split(root):
-        tr, te = _image_dataset(cfg, root / "train", False), _image_dataset(cfg, root / "test", False)
+        tr = _image_dataset(cfg, root / "train", False)
+        te = _image_dataset(cfg, root / "test", False, classes=tr.classes)  # one label numbering
     else:
         tr, te = _image_dataset(cfg, root, False), None
     return [ProbeTask("class", tr, te, collate_images, "image")]

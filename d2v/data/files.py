@@ -6,17 +6,33 @@ from pathlib import Path
 from typing import Callable
 
 
-def walk_files(top: Path, accept: Callable[[Path], bool]) -> list[Path]:
-    """Files under `top` that `accept`, recursively, sorted by path. Symlinked directories are followed
-    once (a loop or a directory linked twice is read once); hidden directories (leading '.') are skipped."""
+def walk_files(top: Path, accept: Callable[[Path], bool], seen: set[str] | None = None) -> list[Path]:
+    """Files under `top` that `accept`, recursively, sorted by path; hidden directories (leading '.')
+    are skipped.
+
+    Symlinks are followed once, by real path: a directory or file reached a second time (a loop such
+    as `loop -> ..`, or the same target linked twice) is skipped, so every file is listed once, under
+    the first path the walk reaches it by. `seen` holds the real paths already taken; pass one set to
+    several calls to make them one walk (the image scan walks each class folder with a shared set, so
+    a link from one class into another, or into the root, does not relabel those files). `top` itself
+    is always walked."""
+    seen = set() if seen is None else seen
+    seen.add(os.path.realpath(top))
     found: list[Path] = []
-    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # symlink loop or the same dir linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(p for p in (Path(dirpath) / f for f in filenames) if accept(p))
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep  # os.walk descends only into these
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if not accept(p):
+                continue
+            real = os.path.realpath(p)
+            if real not in seen:
+                seen.add(real)
+                found.append(p)
     return sorted(found)

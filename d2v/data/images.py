@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,23 +59,35 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_images(top: Path) -> list[Path]:
-    """All image files under `top` (hidden files skipped), sorted by path."""
-    return walk_files(top, lambda p: _is_image(p.name))
+def _walk_images(top: Path, seen: set[str] | None = None) -> list[Path]:
+    """All image files under `top` (hidden files skipped), sorted by path; `seen` as in walk_files."""
+    return walk_files(top, lambda p: _is_image(p.name), seen)
 
 
-def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+def scan_image_folder(
+    root: str | Path, classes: Sequence[str] | None = None
+) -> tuple[list[tuple[Path, int]], list[str]]:
     """Scan an ImageFolder tree: returns (samples [(path, label)], classes), sorted and stable.
 
     If top-level subdirectories of `root` hold images (searched recursively), each such
-    subdirectory is a class (sorted names, label = position); loose images directly in `root` are
-    then ignored with a warning. If there are no class subfolders, the images directly in `root`
-    are returned with label -1 and `classes` is empty."""
+    subdirectory is a class; loose images directly in `root` are then ignored with a warning. If
+    there are no class subfolders, the images directly in `root` are returned with label -1 and
+    `classes` is empty.
+
+    `classes`: the class list to number by (label = position in it); by default the sorted names of
+    the class subfolders. A test split passes the train split's list so that one class gets one label
+    in both, even when the test split lacks a class; a class folder missing from the list is an error
+    (its images could only be given a wrong label).
+
+    Symlinks are followed once over the whole tree (see `walk_files`): a link from one class into
+    another class or into `root` (e.g. `cats/loop -> ..`) lists nothing again."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [(d.name, _walk_images(d)) for d in subdirs]
+    # the root and every class folder belong to themselves: a walk reaching them by a link stops
+    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
+    per_class = [(d.name, _walk_images(d, seen)) for d in subdirs]
     per_class = [(name, files) for name, files in per_class if files]
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
     if per_class:
@@ -84,8 +97,15 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[st
                 f"subfolders exist, e.g. {loose[0]}",
                 stacklevel=2,
             )
-        classes = [name for name, _ in per_class]
-        samples = [(p, label) for label, (_, files) in enumerate(per_class) for p in files]
+        classes = [name for name, _ in per_class] if classes is None else list(classes)
+        index = {name: k for k, name in enumerate(classes)}
+        for name, _ in per_class:
+            if name not in index:
+                raise ValueError(
+                    f"image folder {root / name}: class {name!r} is not in the train split's "
+                    f"classes {classes}; a test split may only hold classes the train split has"
+                )
+        samples = [(p, index[name]) for name, files in per_class for p in files]
         return samples, classes
     if not loose:
         raise ValueError(
@@ -107,10 +127,19 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _decode_rgb(path: Path) -> Image.Image:
-    """Fully decode `path` as RGB (raises on truncated or corrupt pixel data)."""
+    """Fully decode `path` as RGB (raises on truncated or corrupt pixel data).
+
+    16-bit grayscale (mode I;16, e.g. 16-bit PNG) is scaled to 8 bit (value >> 8) first: PIL's own
+    conversion clips every value above 255, which turns almost the whole image white."""
     with Image.open(path) as im:
         im.load()
+        if im.mode in _MODES_16BIT:
+            gray = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)  # (H, W)
+            return Image.fromarray(gray, mode="L").convert("RGB")
         return im.convert("RGB")
 
 
@@ -157,7 +186,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
       {"image": float (3, S, S) normalized, "label": int (-1 if unlabeled),
        "index": int dataset index actually loaded (after any fallback),
        "bad": list[str] paths that failed to decode for this item,
-       "mask": bool (M, T) from mask_fn(generator), only when mask_fn is given}"""
+       "mask": bool (M, T) from mask_fn(generator), only when mask_fn is given}
+
+    `classes`: the class list labels number (see `scan_image_folder`); give a test split the train
+    split's `classes` so both number the same class the same way."""
 
     def __init__(
         self,
@@ -173,6 +205,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seed: int = 0,
         mask_fn: MaskFn | None = None,
         check_files: bool = True,
+        classes: Sequence[str] | None = None,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"ImageFolderDataset: image_size must be >= 1, got {image_size}")
@@ -197,7 +230,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.mask_fn = mask_fn
         self.bad_files: list[tuple[str, str]] = []
 
-        samples, self._classes = scan_image_folder(self.root)
+        samples, self._classes = scan_image_folder(self.root, classes)
         if check_files:
             kept = []
             # header checks of a large folder take a while: show progress past a few thousand files

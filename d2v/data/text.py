@@ -123,9 +123,9 @@ def _is_text_name(name: str) -> bool:
     return suffix == "" or suffix in TEXT_EXTENSIONS
 
 
-def _walk_text(top: Path) -> list[Path]:
+def _walk_text(top: Path, seen: set | None = None) -> list[Path]:
     """All text files under `top` (hidden files skipped), sorted by path."""
-    return walk_files(top, lambda p: _is_text_name(p.name) and p.is_file())
+    return walk_files(top, lambda p: _is_text_name(p.name) and p.is_file(), seen)
 
 
 def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:
@@ -144,7 +144,10 @@ def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:
     if not root.is_dir():
         raise FileNotFoundError(f"text source {root} does not exist")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [(d.name, _walk_text(d)) for d in subdirs]
+    # one walk over all classes, links followed once by real path: a link loop or a link into another
+    # class's folder lists nothing twice
+    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
+    per_class = [(d.name, _walk_text(d, seen)) for d in subdirs]
     per_class = [(name, files) for name, files in per_class if files]
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_text_name(p.name))
     if per_class:
