@@ -6,7 +6,7 @@ The DeepSpeed config is derived from d2v's typed config (`deepspeed_config`); a 
 (`engine.ds_config`) may add or override any key d2v does not own, and is refused where it
 contradicts a key d2v derives (the message names the d2v key to set instead).
 
-EMA teacher per stage (../shared/spec/anchors.md §6.4, §7.1). The student the teacher averages is
+EMA teacher per stage (see docs/deepspeed.md). The student the teacher averages is
 the optimizer's fp32 master weights under every stage, as in the single-process trainer (fp32
 parameters, bf16 autocast compute); with fp32 training the module parameters are the masters.
 - ZeRO 0-2, fp32: module parameters are replicated and identical on every rank after

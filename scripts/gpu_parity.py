@@ -52,8 +52,6 @@ import csv
 import datetime as _dt
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -82,6 +80,8 @@ _early_env(sys.argv[1:])
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from benchmarks import common as _common  # noqa: E402
+from benchmarks.common import git_sha  # noqa: E402,F401
 from d2v import _ext, ops  # noqa: E402
 from d2v.kernels import build_targets as kt  # noqa: E402
 
@@ -114,26 +114,9 @@ EMA_DECAY = 0.9998  # configs/base_image.yaml ema_start
 
 # ------------------------------------------------------------------------------------------- stamp
 def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, Triton interpreter)"
-
-
-def git_sha() -> str:
-    """The checkout's sha, else D2V_GIT_SHA (the device machine's copy of the tree may carry no .git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("D2V_GIT_SHA", "unknown")
+    """The benchmarks' device name; on CPU the Triton interpreter is what ran the kernels."""
+    name = _common.device_name(dev)
+    return name if dev.type == "cuda" else f"{name}, Triton interpreter"
 
 
 def triton_version() -> str:
