@@ -6,7 +6,7 @@
 #
 # Needs nvcc (CUDA_HOME, else nvcc on PATH) whose major version matches torch's CUDA. Creates its own
 # venv (D2V_CUDA_VENV, default .venv-cuda, ~5.5 GB: the CUDA torch) once; later runs reuse it and skip
-# the ~5 min compile while setup.py, pyproject.toml, the csrc/ sources, nvcc and the arch list are unchanged (the
+# the ~5 min compile while setup.py, pyproject.toml, the d2v/csrc/ sources, nvcc and the arch list are unchanged (the
 # installed build is still checked). D2V_CUDA_PROOF_REBUILD=1 forces the compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,13 +68,13 @@ fi
 
 # 3. pip install . (non-editable, from a clean copy: the checkout's build/ and in-place .so stay untouched)
 STAMP=$VENV/.cuda-proof-build
-want=$(cat setup.py pyproject.toml csrc/*.h csrc/*.cpp csrc/*.cu | sha256sum | cut -d' ' -f1)-$NVCC_VERSION-$TORCH_CUDA_ARCH_LIST
+want=$(cat setup.py pyproject.toml d2v/csrc/*.h d2v/csrc/*.cpp d2v/csrc/*.cu | sha256sum | cut -d' ' -f1)-$NVCC_VERSION-$TORCH_CUDA_ARCH_LIST
 if [ "${D2V_CUDA_PROOF_REBUILD:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   SRC=$(mktemp -d)
   trap 'rm -rf "$SRC"' EXIT
-  cp -r setup.py pyproject.toml README.md d2v kernels csrc "$SRC"/
-  find "$SRC" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-  say "pip install --no-build-isolation --no-deps . (compiles csrc/*.cpp and csrc/*.cu; minutes on 2 cores)"
+  cp -r setup.py pyproject.toml README.md d2v kernels "$SRC"/
+  find "$SRC" \( -name '*.so' -o -name __pycache__ -o -name _build_info.json \) -prune -exec rm -rf {} +
+  say "pip install --no-build-isolation --no-deps . (compiles d2v/csrc/*.cpp and d2v/csrc/*.cu; minutes on 2 cores)"
   rm -f "$STAMP"
   log=$VENV/cuda-proof-build.log
   if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation \

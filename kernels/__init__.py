@@ -3,7 +3,7 @@
 
 The references are what `d2v.ops` runs where no fused path applies; the Triton kernels live beside
 them (defined lazily at first launch, so TRITON_INTERPRET set later is honoured), the C++/CUDA EMA in
-csrc/. `d2v.ops` is the one dispatch point.
+d2v/csrc/. `d2v.ops` is the one dispatch point.
 """
 from .build_targets import build_targets_fairseq, build_targets_ref
 from .ema_update import ema_update_ref_

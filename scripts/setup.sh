@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh .venv with the pinned CPU environment and d2v installed in editable mode.
-# Idempotent: re-installs only when requirements-dev.txt, pyproject.toml, setup.py or csrc/ changed
-# (the editable install builds the C++ extension d2v._C from csrc/).
+# Idempotent: re-installs only when requirements-dev.txt, pyproject.toml, setup.py or d2v/csrc/ changed
+# (the editable install builds the C++ extension d2v._C from d2v/csrc/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.d2v-installed
-want=$(cat requirements-dev.txt pyproject.toml setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat requirements-dev.txt pyproject.toml setup.py d2v/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned requirements (CPU torch) and d2v (editable)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt

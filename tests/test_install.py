@@ -6,12 +6,16 @@ toolchain.
   audio or text data fails with an error that names the package and the pip command.
 - setup.py and the JIT loader leave the C++ standard to torch (torch 2.14's headers refuse the C++17
   that was forced before), a CUDA build that fails is retried CPU-only, and a CPU build that fails
-  leaves a pure-Python install.
-- slow: a real `pip install --no-deps --no-build-isolation` with no working compiler installs and imports.
+  leaves a pure-Python install; setup.py records why in d2v/_build_info.json of the built package.
+- slow: a real `pip install --no-deps --no-build-isolation` with no working compiler installs and imports,
+  and the installed d2v says why it has no d2v._C (without pip -v) and does not start a JIT build.
+(The packaged recipes and sources, the wheel's contents and the JIT-at-first-use reasons:
+tests/test_packaging.py.)
 
 Run: .venv/bin/python -m pytest -q tests/test_install.py
 """
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -170,7 +174,8 @@ def test_setup_extension_with_cuda_carries_its_cpu_twin(cuda_torch, monkeypatch)
 
 
 @pytest.mark.parametrize("cpu_compiles", [True, False])
-def test_setup_build_falls_back_to_cpu_then_to_no_extension(cuda_torch, monkeypatch, capsys, cpu_compiles):
+def test_setup_build_falls_back_to_cpu_then_to_no_extension(cuda_torch, monkeypatch, capsys, tmp_path,
+                                                            cpu_compiles):
     """torch's build is faked: CUDA sources fail (as nvcc did on torch 2.14), the CPU part works or not."""
     setup = load_setup()
     built = []
@@ -191,31 +196,43 @@ def test_setup_build_falls_back_to_cpu_then_to_no_extension(cuda_torch, monkeypa
     [ext] = setup.extensions()
     ext._needs_stub = False  # what setuptools attaches while finalizing must survive the swap
     cmd = setup.build_ext_class()(Distribution({"name": "d2v"}))
-    cmd.extensions, cmd.compiler = [ext], types.SimpleNamespace()
+    cmd.extensions, cmd.compiler, cmd.build_lib = [ext], types.SimpleNamespace(), str(tmp_path)
     cmd.build_extensions()
     err = capsys.readouterr().err
     assert "the CUDA part of d2v._C did not build (RuntimeError: Error compiling objects" in err
+    info = json.loads((tmp_path / "d2v" / "_build_info.json").read_text())  # what d2v._ext.load() reads
+    cuda_why = "RuntimeError: Error compiling objects for extension"
     if cpu_compiles:
         assert built == [ext] and cmd.extensions == [ext]
         assert not any(s.endswith(".cu") for s in ext.sources) and ext._needs_stub is False
         assert not ext.define_macros and "installing d2v without it" not in err
+        assert info == {"status": "cpu-only", "reason": f"the CUDA part did not build ({cuda_why})",
+                        "on_purpose": False}
     else:
         assert built == [] and cmd.extensions == []
         assert ("d2v._C did not build (OSError: c++: error: no working compiler); installing d2v "
                 "without it") in err
+        assert info == {"status": "failed", "on_purpose": False,
+                        "reason": f"the C++ build failed (OSError: c++: error: no working compiler; "
+                                  f"the CUDA part first: {cuda_why})"}
 
 
-def test_setup_build_with_working_cuda_is_untouched(cuda_torch, monkeypatch, capsys):
+def test_setup_build_with_working_cuda_is_untouched(cuda_torch, monkeypatch, capsys, tmp_path):
+    """A full build changes nothing and removes a stale _build_info.json from an earlier fallback."""
     setup = load_setup()
     monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", lambda self: None)
     from setuptools import Distribution
 
+    stale = tmp_path / "d2v" / "_build_info.json"
+    stale.parent.mkdir()
+    stale.write_text('{"status": "failed", "reason": "old"}')
     [ext] = setup.extensions()
     cmd = setup.build_ext_class()(Distribution({"name": "d2v"}))
-    cmd.extensions, cmd.compiler = [ext], types.SimpleNamespace()
+    cmd.extensions, cmd.compiler, cmd.build_lib = [ext], types.SimpleNamespace(), str(tmp_path)
     cmd.build_extensions()
     assert cmd.extensions == [ext] and any(s.endswith(".cu") for s in ext.sources)
     assert "warning" not in capsys.readouterr().err
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("cpu_compiles", [True, False])
@@ -233,6 +250,7 @@ def test_jit_build_falls_back_to_cpu(cuda_torch, monkeypatch, cpu_compiles):
         return types.SimpleNamespace(with_cuda=False)
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_ext, "_is_cached", lambda name: True)  # no "building ..." line
     mod, why = _ext._jit_load()
     (cuda_name, cuda_cflags, nvcc_flags), (cpu_name, cpu_cflags, no_nvcc) = calls
     assert not any(f.startswith("-std") for f in nvcc_flags) and "-DD2V_WITH_CUDA" in cuda_cflags
@@ -240,10 +258,11 @@ def test_jit_build_falls_back_to_cpu(cuda_torch, monkeypatch, cpu_compiles):
     cuda_error = ("the CUDA JIT build failed: RuntimeError: all.h:5:2: error: #error C++20 or later "
                   "compatible compiler is required")
     if cpu_compiles:
-        assert mod is not None and why == f"JIT-built from csrc/ (CPU only); {cuda_error}"
+        assert mod is not None
+        assert why == f"JIT-built d2v._C from the packaged C++ sources (CPU only; {cuda_error})"
     else:
         assert mod is None
-        assert why == f"JIT build failed: RuntimeError: Error building extension '{cpu_name}'; {cuda_error}"
+        assert why == f"build failed: RuntimeError: Error building extension '{cpu_name}'; {cuda_error}"
 
 
 # ------------------------------------------------------------------- a real install without a compiler
@@ -253,13 +272,15 @@ def test_jit_build_falls_back_to_cpu(cuda_torch, monkeypatch, cpu_compiles):
 def test_pip_install_without_a_compiler_gives_a_pure_python_install(tmp_path):
     """pip install --no-deps --no-build-isolation of a copy of the repo into a new venv that sees this
     environment's packages (torch) but has no working C++ compiler: the install succeeds with a
-    warning, and d2v imports and reports no extension."""
+    warning, and d2v imports and reports no extension, with the reason recorded at install (no pip -v
+    needed) and no JIT build started: D2V_JIT_EXT=0, then the default with no compiler found."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("d2v", "kernels", "csrc"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for name in ("d2v", "kernels"):
+        shutil.copytree(ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
@@ -275,9 +296,16 @@ def test_pip_install_without_a_compiler_gives_a_pure_python_install(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "installing d2v without it" in r.stdout + r.stderr
-    check = ("import d2v, d2v._ext as e, d2v.ops as ops; print(d2v.__file__); print(e.load()[1]); "
-             "print(ops.backend()['ema_update_']['impl'])")
-    r = subprocess.run([py, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    check = ("import os, d2v, d2v._ext as e, d2v.ops as ops; print(d2v.__file__); print(e.load()[1]); "
+             "print(ops.backend()['ema_update_']['impl']); e.load.cache_clear(); "
+             "del os.environ['D2V_JIT_EXT']; os.environ['CXX'] = '/nonexistent/c++'; print(e.load()[1])")
+    r = subprocess.run([py, "-c", check], capture_output=True, text=True, env=dict(env, D2V_JIT_EXT="0"),
+                       cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    path, why, impl = r.stdout.splitlines()
-    assert path.startswith(site) and "d2v._C is not built" in why and impl == "torch"
+    path, why, impl, why_default = r.stdout.splitlines()
+    at_install = "d2v._C was not built at install: the C++ build failed ("
+    assert path.startswith(site) and impl == "torch"
+    assert why.startswith(at_install) and why.endswith("; JIT build disabled by D2V_JIT_EXT=0"), why
+    assert why_default.startswith(at_install), why_default
+    assert why_default.endswith("; not JIT-built: no C++ compiler found (CXX=/nonexistent/c++ is not on "
+                                "PATH; install g++ or set CXX)"), why_default

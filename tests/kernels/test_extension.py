@@ -1,5 +1,6 @@
 """The C++/CUDA extension d2v._C: built by setup.py, its CPU EMA called directly and through d2v.ops,
-its JIT build from csrc/, the reason given when it is missing, and its CUDA EMA on a GPU.
+its JIT build from the packaged sources (d2v/csrc/), the reason given when it is missing, and its CUDA EMA
+on a GPU. (Every reason load() can give, with the builds faked: tests/test_packaging.py.)
 
 Error budget: `tests.utils.check_ema` (fp32 formula; bit-exact low-precision copy).
 
@@ -61,28 +62,43 @@ def test_cpp_ema_strided_param_through_ops(impl):
 @pytest.mark.skipif(os.environ.get("D2V_TEST_JIT") != "1",
                     reason="JIT build takes 40-75 s on 2 cores: D2V_TEST_JIT=1 runs it")
 def test_jit_build_of_the_extension(tmp_path):
-    """Without the prebuilt module and with D2V_JIT_EXT=1, csrc/ is JIT-built with ninja and works."""
+    """Without the prebuilt module and by default (D2V_JIT_EXT unset), d2v/csrc/ is JIT-built with ninja
+    at first use, after an info line, and works; D2V_JIT_EXT=1 takes the same path here (a CPU torch)."""
     code = (
         "import sys, torch; sys.modules['d2v._C'] = None\n"  # hide the prebuilt module
+        "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
         "from d2v import _ext; mod, why = _ext.load(); assert mod is not None, why; print(why)\n"
         "e, p = [torch.zeros(5)], [torch.ones(5)]; mod.ema_update_cpu(e, p, 0.75)\n"
         "assert torch.equal(e[0], torch.full((5,), 0.25))\n"
     )
-    env = dict(os.environ, D2V_JIT_EXT="1", TORCH_EXTENSIONS_DIR=str(tmp_path), MAX_JOBS="2")
+    env = {k: v for k, v in os.environ.items() if k not in ("D2V_JIT_EXT", "D2V_SKIP_EXT")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), MAX_JOBS="2")
+    if _ext.build_info().get("on_purpose"):  # this checkout was installed with D2V_SKIP_EXT=1: no default JIT
+        env["D2V_JIT_EXT"] = "1"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "JIT-built from csrc/ (CPU only)" in r.stdout
+    assert "JIT-built d2v._C from the packaged C++ sources (CPU only" in r.stdout
+    assert "building d2v._C from the packaged C++ sources once (~30 s); set D2V_JIT_EXT=0 to skip" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, D2V_JIT_EXT="1"), capture_output=True,
+                       text=True, timeout=600)  # from torch's extension cache now: no second build
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "JIT-built d2v._C" in r.stdout and "building d2v._C" not in r.stderr
 
 
-def test_without_jit_permission_the_reason_says_how():
-    """Without the prebuilt module and without D2V_JIT_EXT=1, the load reason says how to JIT-build and
+def test_with_jit_disabled_the_reason_says_so():
+    """Without the prebuilt module and with D2V_JIT_EXT=0, nothing is built, the load reason says why, and
     the EMA falls back to torch's foreach path, saying so."""
     code = ("import sys; sys.modules['d2v._C'] = None\n"
             "from d2v import _ext, ops; print(_ext.load()[1]); print(ops.backend()['ema_update_'])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("D2V_JIT_EXT", "D2V_OPS_IMPL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("D2V_OPS_IMPL",)}
+    env["D2V_JIT_EXT"] = "0"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "set D2V_JIT_EXT=1" in r.stdout and "'impl': 'torch'" in r.stdout and "foreach" in r.stdout
+    why = r.stdout.splitlines()[0]
+    assert why.startswith(("d2v._C is not built (", "d2v._C was not built at install: ")), why
+    assert why.endswith("; JIT build disabled by D2V_JIT_EXT=0"), why
+    entry = r.stdout.splitlines()[1]
+    assert "'impl': 'torch'" in entry and "foreach" in entry and "D2V_JIT_EXT=0" in entry
 
 
 @pytest.mark.gpu
