@@ -6,9 +6,11 @@ Run: cd /work/main && .venv/bin/python -m pytest -q tests/test_data_audio.py
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 import warnings
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from d2v.data import embedded_speech
 from d2v.data.audio import (
@@ -33,6 +36,7 @@ from d2v.data.audio import (
     scan_audio_folder,
 )
 from d2v.data.embedded_speech import SPEECH_SAMPLE_RATE, SPEECH_WORDS, prepare_speech
+from d2v.data.files import DataDecodeError
 from d2v.data.seed import derive_seed
 from d2v.masking import span_mask
 
@@ -65,10 +69,43 @@ def _dominant_hz(x: np.ndarray, sr: int) -> float:
     return float(np.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()])
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _quiet_dataset(source, **kw) -> AudioDataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a clean dataset must not warn
-        return AudioDataset(source, **kw)
+    """A clean dataset must not warn: neither a Python warning nor a warning on the "d2v" logger."""
+    h, lg = _Records(), logging.getLogger("d2v")
+    lg.addHandler(h)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = AudioDataset(source, **kw)
+    finally:
+        lg.removeHandler(h)
+    assert [r.getMessage() for r in h.records if r.levelno >= logging.WARNING] == []
+    return ds
+
+
+@pytest.fixture
+def d2v_log(caplog):
+    """caplog on the "d2v" logger (propagation forced on: the CLI's setup_logging turns it off)."""
+    lg = logging.getLogger("d2v")
+    old = lg.propagate
+    lg.propagate = True
+    caplog.set_level(logging.INFO, logger="d2v")
+    yield caplog
+    lg.propagate = old
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("d2v") and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +157,7 @@ def test_read_manifest_malformed_names_file_and_line(tmp_path, line, problem):
         read_manifest(m)
 
 
-def test_scan_audio_folder_with_and_without_classes(tmp_path):
+def test_scan_audio_folder_with_and_without_classes(tmp_path, d2v_log):
     """Class subfolders (recursive, sorted, case-insensitive extensions, hidden and non-audio files
     skipped) get the folder name as label; loose root files are then ignored with a warning."""
     _write(tmp_path / "zebra" / "z.WAV", 400)
@@ -130,8 +167,8 @@ def test_scan_audio_folder_with_and_without_classes(tmp_path):
     (tmp_path / "apple" / "notes.txt").write_text("no")
     (tmp_path / "empty").mkdir()
     _write(tmp_path / "loose.wav", 400)
-    with pytest.warns(UserWarning, match="ignoring 1 audio"):
-        got = scan_audio_folder(tmp_path)
+    got = scan_audio_folder(tmp_path)
+    assert [m for m in _warnings(d2v_log) if "ignoring 1 audio" in m]
     rel = [(str(e.path.relative_to(tmp_path)), e.label) for e in got]
     assert rel == [("apple/a.ogg", "apple"), ("apple/deep/b.flac", "apple"), ("zebra/z.WAV", "zebra")]
 
@@ -210,7 +247,7 @@ def test_dataset_manifest_labels_and_shared_classes(folder, tmp_path):
         AudioDataset(m)
 
 
-def test_dataset_skips_bad_files_with_one_warning(tmp_path):
+def test_dataset_skips_bad_files_with_one_warning(tmp_path, d2v_log):
     """Corrupt, empty, too-short and missing files are excluded, named by path and reason."""
     d = tmp_path / "d"
     good = [_write(d / f"good{k}.wav", 1000 + 100 * k, seed=k) for k in range(3)]
@@ -226,13 +263,15 @@ def test_dataset_skips_bad_files_with_one_warning(tmp_path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         ds = AudioDataset(m, min_samples=400)
-    msgs = [str(w.message) for w in rec]
+    assert rec == []  # logged, not a Python warning with a source line
+    msgs = _warnings(d2v_log)
     assert len(msgs) == 1 and "skipping 4 unusable" in msgs[0]
     for name in ("corrupt.wav", "empty.wav", "short.wav", "missing.wav"):
         assert name in msgs[0]
     reasons = dict(ds.bad_files)
     assert set(reasons) == {str(d / n) for n in ("corrupt.wav", "empty.wav", "short.wav", "missing.wav")}
     assert "cannot open" in reasons[str(corrupt)] and "empty" in reasons[str(empty)]
+    assert reasons[str(d / "missing.wav")] == "file not found"
     assert "too short: 399" in reasons[str(short)]
     assert [e.path.name for e in ds.entries] == ["good0.wav", "good1.wav", "good2.wav", "short8k.wav"]
     assert ds.lengths == [1000, 1100, 1200, 500]
@@ -241,33 +280,34 @@ def test_dataset_skips_bad_files_with_one_warning(tmp_path):
 def test_dataset_nothing_usable_raises(tmp_path):
     m = tmp_path / "all_bad.tsv"
     m.write_text(f"{tmp_path}\nnope1.wav\nnope2.wav\n")
-    with pytest.raises(ValueError, match=r"all_bad\.tsv.*2 file\(s\) failed.*nope1\.wav: cannot open"):
+    with pytest.raises(ValueError, match=r"all_bad\.tsv.*2 file\(s\) failed.*nope1\.wav: file not found"):
         AudioDataset(m)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AudioDataset(tmp_path / "no_such.tsv")
 
 
-def test_getitem_decode_failure_falls_back_and_reports(tmp_path):
+def test_getitem_decode_failure_falls_back_and_reports(tmp_path, d2v_log):
     """A file that vanished after the header check: the item comes from the next index and the
     failed path is reported in the warning and the item's 'bad' list."""
     for k in range(3):
         _write(tmp_path / f"{k}.wav", 1000 * (k + 1), seed=k)
     ds = _quiet_dataset(tmp_path)
     (tmp_path / "1.wav").unlink()
-    with pytest.warns(UserWarning, match=r"1\.wav: cannot decode.*falling back to index 2"):
-        item = ds[1 + 3 * 5]  # epoch 5, index 1
+    item = ds[1 + 3 * 5]  # epoch 5, index 1
+    (msg,) = _warnings(d2v_log)
+    assert re.search(r"1\.wav: cannot decode audio \(file not found\); falling back to index 2", msg)
     assert item["bad"] == [str(tmp_path / "1.wav")] and item["file_index"] == 2
     assert item["index"] == 16 and item["audio"].shape == (3000,)
     assert ds[0]["bad"] == []
     for k in (0, 2):
         (tmp_path / f"{k}.wav").unlink()
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="failed to decode"):
+    with pytest.raises(DataDecodeError, match="3 consecutive audio files .* failed to decode"):
         ds[0]
 
 
 def test_items_deterministic_per_seed_epoch_index(folder):
     """Train crops depend only on (seed, epoch, i): equal on repeat, different across epochs and
-    seeds; eval mode takes the first max_samples of the normalized utterance."""
+    seeds; eval mode takes the first max_samples of the utterance (each normalized by itself)."""
     ds = _quiet_dataset(folder, max_samples=600, seed=3)
     N = len(ds)
     lengths_full = _quiet_dataset(folder).lengths
@@ -279,12 +319,14 @@ def test_items_deterministic_per_seed_epoch_index(folder):
     assert sum(torch.equal(crops[0], c) for c in crops[1:]) == 0
     other = _quiet_dataset(folder, max_samples=600, seed=4)[i]["audio"]
     assert not torch.equal(other, a["audio"])
-    full = _quiet_dataset(folder)[i]["audio"]
-    # the crop is a window of the normalized full utterance
-    windows = full.unfold(0, 600, 1)  # (L-599, 600)
-    assert bool((windows - a["audio"]).abs().amax(1).min() < 1e-6)
+    # the crop is the window the item's generator draws on the whole length, normalized by itself
+    # (only that window is decoded: tests/test_audio_window.py)
+    raw = torch.from_numpy(load_audio(ds.entries[i].path))  # (L,) whole file, not normalized
+    start = int(torch.randint(0, raw.numel() - 600 + 1, (1,), generator=ds.item_generator(0, i)))
+    assert torch.equal(a["audio"], F.layer_norm(raw[start : start + 600], (600,), eps=1e-5))
     ev = _quiet_dataset(folder, max_samples=600, train=False)
-    assert torch.equal(ev[i]["audio"], full[:600]) and torch.equal(ev[i + N]["audio"], full[:600])
+    first = F.layer_norm(raw[:600], (600,), eps=1e-5)
+    assert torch.equal(ev[i]["audio"], first) and torch.equal(ev[i + N]["audio"], first)
 
 
 def test_normalization(folder):
@@ -471,6 +513,39 @@ def test_prepare_speech_rebuilds_stale_refuses_foreign(tmp_path, monkeypatch):
     (final / "junk").write_text("x")
     with pytest.raises(RuntimeError, match="READY"):
         prepare_speech(tmp_path)
+
+
+def test_prepare_speech_shows_progress_and_says_where(tmp_path, monkeypatch, capsys, d2v_log):
+    """First use synthesizes 1600 utterances (~25 s): an info line names the work and the cache
+    folder, and a progress bar over the utterances goes to stderr."""
+    monkeypatch.setattr(embedded_speech.shutil, "which", lambda name: "/bin/true")
+    monkeypatch.setattr(embedded_speech, "_synthesize", lambda *a: 8000)  # no espeak-ng run
+    root = prepare_speech(tmp_path)
+    assert json.loads((root / "READY").read_text())["utterances"] == 1600
+    infos = [r.getMessage() for r in d2v_log.records
+             if r.name.startswith("d2v") and r.levelno == logging.INFO]
+    assert any("espeak-ng" in m and "1600" in m and str(root) in m for m in infos), infos
+    err = capsys.readouterr().err
+    assert "synthesizing speech" in err and "/1600" in err
+
+
+def test_header_check_shows_progress_from_1000_files(tmp_path, capsys):
+    """The start-up header check shows a bar once it may take a couple of seconds (1000 audio files:
+    ~0.1 ms each warm, ~1-3 ms on a cold cache); not for a handful of files."""
+    one = _write(tmp_path / "one.wav", 800).read_bytes()
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(1000):
+        (many / f"{k:04d}.wav").write_bytes(one)
+    capsys.readouterr()
+    assert len(AudioDataset(many)) == 1000
+    assert "checking many" in capsys.readouterr().err
+    few = tmp_path / "few"
+    few.mkdir()
+    for k in range(3):
+        (few / f"{k}.wav").write_bytes(one)
+    AudioDataset(few)
+    assert "checking" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

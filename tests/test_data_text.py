@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pickle
 import textwrap
 import warnings
@@ -73,6 +74,30 @@ def _ids(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+@pytest.fixture
+def d2v_log():
+    """Records of the "d2v" logger (works whether or not the CLI's setup_logging stopped propagation)."""
+    h, logger = _Records(), logging.getLogger("d2v")
+    old = logger.level
+    logger.addHandler(h)
+    logger.setLevel(logging.DEBUG)
+    yield h
+    logger.removeHandler(h)
+    logger.setLevel(old)
+
+
 # ---- reading --------------------------------------------------------------------------------
 
 
@@ -128,7 +153,7 @@ def test_scan_flat_folder_filters_and_sorts(tmp_path):
         ("NOEXT", None), ("a.MD", None), ("b.txt", None), ("c.text", None)]
 
 
-def test_scan_class_subfolders_recursive(tmp_path):
+def test_scan_class_subfolders_recursive(tmp_path, d2v_log):
     _write(tmp_path / "zoo" / "z.txt", "z")
     _write(tmp_path / "art" / "deep" / "er" / "b.txt", "b")
     _write(tmp_path / "art" / "a.txt", "a")
@@ -137,8 +162,10 @@ def test_scan_class_subfolders_recursive(tmp_path):
     _write(tmp_path / "art" / "img.png", "x")
     (tmp_path / "empty").mkdir()
     _write(tmp_path / "loose.txt", "loose")
-    with pytest.warns(UserWarning, match="loose.txt"):
-        got = scan_text_source(tmp_path)
+    got = scan_text_source(tmp_path)
+    assert scan_text_source(tmp_path) == got
+    warned = d2v_log.messages()
+    assert len(warned) == 1 and "loose.txt" in warned[0]  # once, though scanned twice
     rel = [(str(p.relative_to(tmp_path)), y) for p, y in got]
     assert rel == [("art/a.txt", "art"), ("art/deep/er/b.txt", "art"), ("zoo/z.txt", "zoo")]
 
@@ -164,7 +191,11 @@ def test_tokenizer_roundtrip_specials_and_determinism(corpus, tok, tmp_path):
     assert len(_ids(tok, "the committee")) < len("the committee")  # merges were learned
     path = tmp_path / "sub" / "t.json"
     t1 = train_tokenizer(corpus, VOCAB, path)
-    assert [p.name for p in path.parent.iterdir()] == ["t.json"]  # no temp file left behind
+    # no temp file left behind; the sidecar records what it was trained from
+    assert sorted(p.name for p in path.parent.iterdir()) == ["t.json", "t.meta.json"]
+    meta = json.loads((path.parent / "t.meta.json").read_text())
+    assert meta["vocab_size"] == VOCAB and meta["entries"] == VOCAB and meta["min_frequency"] == 2
+    assert meta["corpus"]["files"] == len(corpus) and len(meta["corpus"]["fingerprint"]) == 64
     loaded = load_tokenizer(path)
     assert loaded.to_str() == t1.to_str() and _ids(loaded, sentence) == ids
     t2 = train_tokenizer(corpus, VOCAB, tmp_path / "t2.json")
@@ -175,7 +206,7 @@ def test_tokenizer_roundtrip_specials_and_determinism(corpus, tok, tmp_path):
     assert t3.get_vocab() != t1.get_vocab()
 
 
-def test_tokenizer_errors(corpus, tmp_path):
+def test_tokenizer_errors(corpus, tmp_path, d2v_log):
     with pytest.raises(ValueError, match="vocab_size must be >= 260"):
         train_tokenizer(corpus, 100, tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="absent.json"):
@@ -194,8 +225,9 @@ def test_tokenizer_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="ids 0, 1, 2, 3"):
         load_tokenizer(tmp_path / "other.json")
     empty = _write(tmp_path / "empty.txt", "   ")
-    with pytest.warns(UserWarning, match="empty.txt"), pytest.raises(ValueError, match="no usable"):
+    with pytest.raises(ValueError, match="no usable"):
         train_tokenizer([empty], VOCAB, tmp_path / "y.json")
+    assert any("empty.txt" in m for m in d2v_log.messages())
 
 
 def test_resolve_tokenizer_precedence_and_vocab_check(corpus, tok, tmp_path):
@@ -203,9 +235,9 @@ def test_resolve_tokenizer_precedence_and_vocab_check(corpus, tok, tmp_path):
     # 1. nothing there: train on files, save to run/tokenizer.json
     t, p = resolve_tokenizer(None, run, corpus, VOCAB)
     assert p == run / "tokenizer.json" and p.is_file() and t.get_vocab_size() == VOCAB
-    # 2. run/tokenizer.json exists: reused even though files/vocab now differ (resume)
+    # 2. run/tokenizer.json exists: a resumed run reuses it (same corpus and vocab size)
     mtime = p.stat().st_mtime_ns
-    t2, p2 = resolve_tokenizer(None, run, corpus[:1], 400)
+    t2, p2 = resolve_tokenizer(None, run, corpus, VOCAB, resumed=True)
     assert p2 == p and p.stat().st_mtime_ns == mtime and t2.to_str() == t.to_str()
     # 3. an explicit path wins over run/tokenizer.json
     explicit = tmp_path / "explicit.json"
@@ -214,7 +246,7 @@ def test_resolve_tokenizer_precedence_and_vocab_check(corpus, tok, tmp_path):
     assert p3 == explicit and t3.to_str() == t_exp.to_str() != t.to_str()
     # the tokenizer must fit the embedding table
     with pytest.raises(ValueError, match=r"300 entries.*model\.vocab_size is 290"):
-        resolve_tokenizer(None, run, corpus, 290)
+        resolve_tokenizer(str(p), run, corpus, 290)
     with pytest.raises(FileNotFoundError, match="nothere.json"):
         resolve_tokenizer(str(tmp_path / "nothere.json"), run, corpus, VOCAB)
 
@@ -255,14 +287,13 @@ def test_blocks_from_folder_source(tmp_path, tok):
     assert ds[0]["tokens"][1:].tolist() == _ids(tok, "hello " * 10)[:3]
 
 
-def test_blocks_bad_files_skipped_and_reported(tmp_path, tok):
+def test_blocks_bad_files_skipped_and_reported(tmp_path, tok, d2v_log):
     good = _write(tmp_path / "good.txt", "plenty of good English text " * 5)
     bads = [_write(tmp_path / "bad0.txt", b"\xff\xfe\x00"), _write(tmp_path / "bad1.txt", ""),
             _write(tmp_path / "bad2.txt", "\n \n")]
     bads += [_write(tmp_path / f"e{k}.txt", "") for k in range(4)]
-    with pytest.warns(UserWarning) as rec:
-        ds = TextBlockDataset([*bads[:2], good, *bads[2:]], tok, block_size=8)
-    msgs = [str(w.message) for w in rec]
+    ds = TextBlockDataset([*bads[:2], good, *bads[2:]], tok, block_size=8)
+    msgs = d2v_log.messages()
     assert len(msgs) == 1 and "7 unusable" in msgs[0] and "and 2 more" in msgs[0]
     assert "bad0.txt" in msgs[0] and "UTF-8" in msgs[0] and "e2.txt" not in msgs[0]
     assert [p for p, _ in ds.bad_files] == [str(b) for b in bads]
@@ -270,10 +301,11 @@ def test_blocks_bad_files_skipped_and_reported(tmp_path, tok):
     assert ds.num_tokens == len(_ids(tok, good.read_text())) + 1
 
 
-def test_blocks_nothing_usable_or_too_little(tmp_path, tok):
+def test_blocks_nothing_usable_or_too_little(tmp_path, tok, d2v_log):
     bad = _write(tmp_path / "bad.txt", b"\x80")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no usable text files") as err:
+    with pytest.raises(ValueError, match="no usable text files") as err:
         TextBlockDataset([bad], tok, block_size=8)
+    assert any("bad.txt" in m for m in d2v_log.messages())
     assert str(tmp_path) in str(err.value)
     short = _write(tmp_path / "short.txt", "hi")
     n = len(_ids(tok, "hi")) + 1
@@ -312,12 +344,12 @@ def test_masks_shape_count_determinism(corpus, tok):
 # ---- labelled lines -------------------------------------------------------------------------
 
 
-def test_line_dataset_labels_truncation_bad_files(tmp_path, tok):
+def test_line_dataset_labels_truncation_bad_files(tmp_path, tok, d2v_log):
     _write(tmp_path / "tr" / "zeta" / "z.txt", "zeta one\n\n   \nzeta two is here\n")
     _write(tmp_path / "tr" / "alpha" / "a.txt", "alpha line\n")
     _write(tmp_path / "tr" / "alpha" / "bad.txt", b"\xc3\x28 broken")
-    with pytest.warns(UserWarning, match="bad.txt"):
-        ds = TextLineDataset(tmp_path / "tr", tok, max_len=64)
+    ds = TextLineDataset(tmp_path / "tr", tok, max_len=64)
+    assert any("bad.txt" in m for m in d2v_log.messages())
     assert ds.classes == ["alpha", "zeta"] and ds.labels == [0, 1, 1]
     assert ds.root == tmp_path / "tr" and ds.bad_files[0][0].endswith("bad.txt")
     it = ds[2]

@@ -20,6 +20,10 @@ extension (fairseq keeps labels in separate .ltr/.wrd files).
 Differences from the reference, on purpose: the masks are generated on the *cropped* batch length
 (reference: on the full utterance, then cropped with an independent offset, which breaks the exact
 masked count per row; spec pitfall #19), so every row has exactly int(T * mask_prob) masked frames.
+A file longer than max_samples is decoded only over its crop window (`load_audio_window`: a
+10-minute 44.1 kHz file is not decoded and resampled whole for 20 s of it), so with `normalize` the
+zero-mean/unit-variance statistics are those of the max_samples crop, not of the whole utterance
+(reference: normalize the utterance, then crop). Files up to max_samples long are unaffected.
 
 References: fairseq/data/audio/raw_audio_dataset.py (postprocess layer_norm, crop_to_max_size,
 collater), fairseq/data/data_utils.py compute_block_mask_1d, fairseq bucket_pad_length_dataset
@@ -27,10 +31,10 @@ collater), fairseq/data/data_utils.py compute_block_mask_1d, fairseq bucket_pad_
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -40,9 +44,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from d2v._optional import require
-from d2v.data.files import walk_files
+from d2v.data.files import DataDecodeError, walk_files
 from d2v.data.sampler import ResumableBatchSampler, build_loader
 from d2v.data.seed import derive_seed
+from d2v.log import get_logger, warn_once
 from d2v.masking import span_mask
 
 sf = require("soundfile", "audio data")  # importing this module is asking for audio
@@ -54,6 +59,7 @@ __all__ = [
     "read_manifest",
     "scan_audio_folder",
     "load_audio",
+    "load_audio_window",
     "resampled_length",
     "AudioDataset",
     "LengthBucketBatchSampler",
@@ -65,8 +71,15 @@ __all__ = [
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg")  # compared case-insensitively
 _MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
 _WARN_FIRST = 5  # bad paths named in the init warning
-_PROGRESS_FROM = 5000  # files: show a progress bar for the start-up header check from this many
+# files: show a progress bar for the start-up header check from this many. Measured roughly (this
+# machine, warm page cache): soundfile.info costs ~0.1 ms per WAV/FLAC and ~0.7 ms per OGG Vorbis
+# (it seeks to the last page for the length); a cold cache or a network file system adds a read per
+# file, ~1-3 ms. At ~2 ms per file, 1000 files take ~2 s, the most a check runs without a bar.
+_PROGRESS_FROM = 1000
+_REASONS_SHOWN = 3  # failure reasons quoted in a DataDecodeError
 _NORM_EPS = 1e-5  # F.layer_norm eps of the reference's per-utterance normalization
+
+log = get_logger(__name__)
 
 
 class AudioEntry(NamedTuple):
@@ -149,8 +162,9 @@ def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_audio(p.name))
     if per_class:
         if loose:
-            warnings.warn(f"{root}: ignoring {len(loose)} audio file(s) directly in the root because "
-                          f"class subfolders exist, e.g. {loose[0]}", stacklevel=2)
+            warn_once(log, ("audio-loose-files", os.path.realpath(root)),
+                      f"{root}: ignoring {len(loose)} audio file(s) directly in the root because class "
+                      f"subfolders exist, e.g. {loose[0]}")
         return [AudioEntry(p, None, name) for name, files in per_class for p in files]
     if not loose:
         raise ValueError(f"no audio files under {root} (accepted extensions, case-insensitive: "
@@ -175,27 +189,143 @@ def resampled_length(frames: int, file_rate: int, sample_rate: int) -> int:
     return -(-int(frames) * up // down)
 
 
+@functools.lru_cache(maxsize=16)
+def _resample_filter(up: int, down: int) -> np.ndarray:
+    """scipy.signal.resample_poly's default anti-aliasing FIR for (up, down), built here so that its
+    length is known: firwin(2 * half + 1, 1 / max(up, down), window=("kaiser", 5.0)) with
+    half = 10 * max(up, down) taps at the up-sampled rate, in float32 (resample_poly casts its
+    default filter to the input's dtype, so passing this one gives its default output bit for bit).
+    Output sample m depends on input frames k with |k * up - m * down| <= half only."""
+    from scipy.signal import firwin
+
+    max_rate = max(up, down)
+    h = firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0)).astype(np.float32)
+    h.setflags(write=False)  # shared by the cache; resample_poly copies it
+    return h
+
+
+def _resample(wav: np.ndarray, file_rate: int, sample_rate: int) -> np.ndarray:
+    """(n,) float32 at file_rate -> (ceil(n * up / down),) float32 at sample_rate."""
+    from scipy.signal import resample_poly
+
+    up, down = _ratio(file_rate, sample_rate)
+    return resample_poly(wav, up, down, window=_resample_filter(up, down))
+
+
+def _not_a_file(path: Any) -> str | None:
+    """Why `path` is no file to open, or None: checked after a failed open, because libsndfile says
+    only "System error." for a missing file."""
+    if isinstance(path, (str, os.PathLike)):
+        if not os.path.lexists(path):
+            return "file not found"
+        if not os.path.exists(path):
+            return "file not found (broken symbolic link)"
+        if os.path.isdir(path):
+            return "is a directory, not a file"
+    return None
+
+
+def _open(path: Any) -> "sf.SoundFile":
+    """soundfile.SoundFile of `path` for reading; AudioDecodeError naming the path if it fails."""
+    try:
+        return sf.SoundFile(str(path) if isinstance(path, (str, os.PathLike)) else path)
+    except Exception as e:  # LibsndfileError (RuntimeError), OSError, TypeError on odd headers
+        why = _not_a_file(path) or f"{type(e).__name__}: {e}"
+        raise AudioDecodeError(f"{path}: cannot decode audio ({why})") from None
+
+
+def _read_mono(f: "sf.SoundFile", path: Any, frames: int = -1) -> np.ndarray:
+    """`frames` frames (-1: to the end) from the open file's position, channels averaged: float32
+    (n,), n < frames when the file ends early. AudioDecodeError for unreadable or non-finite data
+    (checked on the frames read only)."""
+    try:
+        data = f.read(frames, dtype="float32", always_2d=True)  # (n, C)
+    except Exception as e:
+        raise AudioDecodeError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
+    wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (n,)
+    if not np.isfinite(wav).all():
+        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
+    return wav
+
+
+def _decode_whole(f: "sf.SoundFile", path: Any, sample_rate: int) -> np.ndarray:
+    wav = _read_mono(f, path)
+    if wav.shape[0] == 0:
+        raise AudioDecodeError(f"{path}: empty audio (0 frames)")
+    if f.samplerate != sample_rate:
+        wav = _resample(wav, f.samplerate, sample_rate)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _window_frames(start: int, length: int, up: int, down: int, half: int) -> tuple[int, int, int]:
+    """Input frames [lo, hi) that outputs [start, start + length) of resample_poly(x, up, down) with
+    a filter of half length `half` depend on, and `skip`: resample_poly(x[lo:hi])[skip + t] is
+    output start + t. lo is a multiple of `down` (a whole number of output periods, so the window's
+    outputs fall on the whole file's output grid: its output r is output r + lo * up / down), moved
+    down to 0 near the file start, where both paths see the same zeros; hi may exceed the file."""
+    first = (start * down - half) // up  # first input frame output `start` reads (floor)
+    q = max(0, first // down)
+    last = ((start + length - 1) * down + half) // up  # last input frame the last output reads
+    return q * down, last + 1, start - q * up
+
+
+def _decode_window(f: "sf.SoundFile", path: Any, sample_rate: int, start: int,
+                   length: int) -> np.ndarray | None:
+    """Samples [start, start + length) at sample_rate of the open file, decoding only the frames
+    they need (see `load_audio_window`); None when the file holds fewer frames than its header says
+    or cannot seek (the caller then decodes it whole, from a fresh open)."""
+    rate, frames = f.samplerate, f.frames
+    if rate == sample_rate:
+        lo, hi, skip = start, start + length, 0
+    else:
+        up, down = _ratio(rate, sample_rate)
+        lo, hi, skip = _window_frames(start, length, up, down, (_resample_filter(up, down).size - 1) // 2)
+        hi = min(hi, frames)
+    try:
+        f.seek(lo)
+    except Exception:  # libsndfile refuses to seek past the frames it really has
+        return None
+    wav = _read_mono(f, path, hi - lo)
+    if wav.shape[0] < hi - lo:
+        return None
+    if rate == sample_rate:
+        return np.ascontiguousarray(wav)
+    y = _resample(wav, rate, sample_rate)[skip : skip + length]
+    return np.ascontiguousarray(y, dtype=np.float32) if y.shape[0] == length else None
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode `path` to float32 mono (L,) at `sample_rate`: channels are averaged, other rates are
     resampled with scipy.signal.resample_poly(up, down) (polyphase, Kaiser-windowed FIR).
 
-    Raises AudioDecodeError (a ValueError) naming the path for undecodable, empty (0 frames) or
-    non-finite audio."""
-    try:
-        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, C)
-    except Exception as e:  # LibsndfileError (RuntimeError), OSError, TypeError on odd headers
-        raise AudioDecodeError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
-    if data.shape[0] == 0:
-        raise AudioDecodeError(f"{path}: empty audio (0 frames)")
-    wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (frames,)
-    if not np.isfinite(wav).all():
-        raise AudioDecodeError(f"{path}: audio contains NaN or inf samples")
-    if file_rate != sample_rate:
-        from scipy.signal import resample_poly
+    Raises AudioDecodeError (a ValueError) naming the path for missing, undecodable, empty (0 frames)
+    or non-finite audio."""
+    with _open(path) as f:
+        return _decode_whole(f, path, sample_rate)
 
-        up, down = _ratio(file_rate, sample_rate)
-        wav = resample_poly(wav, up, down)
-    return np.ascontiguousarray(wav, dtype=np.float32)
+
+def load_audio_window(path: str | Path, sample_rate: int, start: int, length: int) -> np.ndarray:
+    """`load_audio(path, sample_rate)[start : start + length]`, decoding only what that needs.
+
+    At the file's own rate it reads exactly `length` frames and the result is bit-identical. When
+    resampling it reads the window's frames plus the filter's support on each side (half =
+    10 * max(up, down) taps at the up-sampled rate, i.e. half / up input frames: 28 at 44.1 kHz ->
+    16 kHz), the first one aligned down to a multiple of `down` input frames (< 441 more), so every
+    output sample is computed from the same input samples with the same taps as in the whole-file
+    path: equal up to float32 rounding order (0 in practice), at the file edges too. Channels are
+    averaged and the NaN/inf check applies to the frames read. Raises ValueError if the window is
+    not inside the decoded length, AudioDecodeError as load_audio."""
+    if start < 0 or length < 1:
+        raise ValueError(f"load_audio_window: need start >= 0 and length >= 1, got {start}, {length}")
+    with _open(path) as f:
+        total = resampled_length(f.frames, f.samplerate, sample_rate)
+        if start + length > total:
+            raise ValueError(f"{path}: window [{start}, {start + length}) is outside the file's "
+                             f"{total} samples at {sample_rate} Hz")
+        wav = _decode_window(f, path, sample_rate, start, length)
+    if wav is None:  # fewer frames than the header said: decode what there is
+        wav = load_audio(path, sample_rate)[start : start + length]
+    return wav
 
 
 def _check_header(path: Path, sample_rate: int, min_samples: int) -> tuple[int, str | None]:
@@ -203,7 +333,7 @@ def _check_header(path: Path, sample_rate: int, min_samples: int) -> tuple[int, 
     try:
         info = sf.info(str(path))
     except Exception as e:
-        return 0, f"cannot open ({type(e).__name__}: {e})"
+        return 0, _not_a_file(path) or f"cannot open ({type(e).__name__}: {e})"
     if info.frames <= 0 or info.samplerate <= 0:
         return 0, f"empty audio ({info.frames} frames)"
     n = resampled_length(info.frames, info.samplerate, sample_rate)
@@ -219,17 +349,22 @@ def _check_header(path: Path, sample_rate: int, min_samples: int) -> tuple[int, 
 class AudioDataset(torch.utils.data.Dataset):
     """Waveform dataset over a tsv manifest or a folder (see module docstring).
 
-    Start-up: every file's header is read (soundfile.info); unopenable, empty and too-short files
-    (< min_samples at sample_rate) are excluded, listed in `bad_files` [(path, reason)] and
-    reported in one warning.
+    Start-up: every file's header is read (soundfile.info); missing, unopenable, empty and
+    too-short files (< min_samples at sample_rate) are excluded, listed in `bad_files`
+    [(path, reason)] and reported in one warning (once per source per process, on the "d2v" logger).
 
     Item (virtual index v = epoch * len + i):
       {"audio": float32 (L,), "label": int (-1 if unlabelled), "index": v,
        "file_index": i' the entry actually loaded (i, or a later one after a decode failure),
        "bad": list[str] paths that failed to decode for this item}
-    The whole decoded utterance is normalized (F.layer_norm over the waveform, eps 1e-5, as the
-    reference's `postprocess`), then cropped to max_samples: a random window in train mode (from
-    the item's generator), the first max_samples in eval mode.
+    A file longer than max_samples is cropped to max_samples: a random window in train mode (start
+    drawn from the item's generator on the length in the header), the first max_samples in eval
+    mode; only that window is decoded (`load_audio_window`). The waveform returned is then
+    normalized (F.layer_norm over it, eps 1e-5, as the reference's `postprocess`): the whole
+    utterance when it fits in max_samples, else the crop (see the module docstring).
+
+    A file that fails to decode is named in a warning (once per file per process) and the item
+    comes from the next index; DataDecodeError after _MAX_DECODE_TRIES consecutive failures.
 
     `classes` (optional) fixes the class list (e.g. to share one label mapping between a train
     and a test manifest); by default it is the sorted set of labels in `source`."""
@@ -309,8 +444,8 @@ class AudioDataset(torch.utils.data.Dataset):
                              f"file(s) failed, e.g. {p}: {why}")
         if self.bad_files:
             first = "; ".join(f"{p} ({why})" for p, why in self.bad_files[:_WARN_FIRST])
-            warnings.warn(f"{self.root}: skipping {len(self.bad_files)} unusable audio file(s): {first}",
-                          stacklevel=2)
+            warn_once(log, ("audio-unusable-files", os.path.realpath(self.root)),
+                      f"{self.root}: skipping {len(self.bad_files)} unusable audio file(s): {first}")
         self.entries: list[AudioEntry] = kept
         self.lengths: list[int] = lengths  # at sample_rate, capped at max_samples
         self.labels: list[int] = [class_index[e.label] if e.label is not None else -1 for e in kept]
@@ -322,6 +457,35 @@ class AudioDataset(torch.utils.data.Dataset):
         """The generator that drives the random crop of item `index` in `epoch`."""
         return torch.Generator().manual_seed(derive_seed("audio-item", self.seed, epoch, index))
 
+    def _crop_start(self, epoch: int, i: int, length: int) -> int:
+        """Start of the max_samples crop of a `length`-sample waveform: random in train mode (the
+        item's generator, one draw), 0 in eval mode."""
+        if not self.train:
+            return 0
+        g = self.item_generator(epoch, i)
+        return int(torch.randint(0, length - self.max_samples + 1, (1,), generator=g))
+
+    def _load(self, path: Path, epoch: int, i: int) -> np.ndarray:
+        """The waveform of item i of `epoch` from `path`, float32 (<= max_samples,): the whole file
+        if it fits, else only the crop window decoded."""
+        cap, wav = self.max_samples, None
+        with _open(path) as f:
+            if cap is None:
+                return _decode_whole(f, path, self.sample_rate)
+            n = resampled_length(f.frames, f.samplerate, self.sample_rate)
+            if n > cap:
+                wav = _decode_window(f, path, self.sample_rate, self._crop_start(epoch, i, n), cap)
+                if wav is not None:
+                    return wav
+            else:
+                wav = _decode_whole(f, path, self.sample_rate)
+        if wav is None:  # fewer frames than the header says: decode what there is, crop that
+            wav = load_audio(path, self.sample_rate)
+        if wav.shape[0] > cap:
+            start = self._crop_start(epoch, i, wav.shape[0])
+            wav = np.ascontiguousarray(wav[start : start + cap])
+        return wav
+
     def __getitem__(self, v: int) -> dict[str, Any]:
         v = operator.index(v)
         n = len(self.entries)
@@ -331,31 +495,29 @@ class AudioDataset(torch.utils.data.Dataset):
         epoch, i = divmod(v, n)
         bad: list[str] = []
         reasons: list[str] = []
-        for k in range(_MAX_DECODE_TRIES):
+        tries = min(_MAX_DECODE_TRIES, n)  # each file once at most
+        for k in range(tries):
             j = (i + k) % n
             path = self.entries[j].path
             try:
-                wav = load_audio(path, self.sample_rate)  # (L,)
+                wav = self._load(path, epoch, i)  # (L,), L <= max_samples
             except AudioDecodeError as e:
-                warnings.warn(f"{e}; falling back to index {(j + 1) % n}", stacklevel=2)
+                warn_once(log, ("audio-decode-failed", str(path)),
+                          f"{e}; falling back to index {(j + 1) % n}")
                 bad.append(str(path))
                 reasons.append(str(e))
                 continue
             x = torch.from_numpy(wav)  # (L,)
             if self.normalize:
                 x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
-            L, cap = x.shape[0], self.max_samples
-            if cap is not None and L > cap:
-                if self.train:
-                    g = self.item_generator(epoch, i)
-                    start = int(torch.randint(0, L - cap + 1, (1,), generator=g))
-                else:
-                    start = 0
-                x = x[start : start + cap]
             return {"audio": x.contiguous(), "label": self.labels[j], "index": v, "file_index": j,
                     "bad": bad}
-        raise RuntimeError(f"AudioDataset: {_MAX_DECODE_TRIES} consecutive files failed to decode "
-                           f"starting at index {i}: " + "; ".join(reasons))
+        shown = "; ".join(r.replace("\n", " ") for r in reasons[:_REASONS_SHOWN])
+        more = f" (and {len(reasons) - _REASONS_SHOWN} more)" if len(reasons) > _REASONS_SHOWN else ""
+        raise DataDecodeError(
+            f"AudioDataset: {self.root}: {tries} consecutive audio files (of {n}) failed to decode, "
+            f"from index {i}: they pass the start-up header check but their audio cannot be decoded "
+            f"(corrupt, truncated or non-finite data?); first reasons: {shown}{more}")
 
 
 # ---- sampler ------------------------------------------------------------------------------------

@@ -191,24 +191,33 @@ def _text_files(root: Path):
     return scan_text_source(root / "train" if _has_split(root) else root)
 
 
-def text_tokenizer(cfg: Config, run_dir: Path):
-    """The run's tokenizer: data.tokenizer, else run_dir/tokenizer.json, else trained on the
-    pretraining files and saved there (so a resumed run and the probe reuse it)."""
+def text_tokenizer(cfg: Config, run_dir: Path, *, resumed: bool = False, probe: bool = False):
+    """The run's tokenizer (d2v.data.text.resolve_tokenizer): data.tokenizer if set, loaded as is;
+    else run_dir/tokenizer.json, which belongs to the run's corpus and model.vocab_size.
+
+    `resumed` (a run continued from its checkpoint): the file is reused after checking the record of
+    what it was trained from against the corpus and model.vocab_size (a mismatch is a ValueError
+    saying what to do). Not resumed (a fresh run): an existing file is debris of an attempt that
+    never checkpointed; a new tokenizer is trained on the pretraining files and replaces it (unless
+    its record shows it was trained on exactly this corpus and settings). `probe`: the probe reads
+    an existing run, so the file is always reused, a mismatch with the data being a warning."""
     from d2v.data.text import resolve_tokenizer
 
     files = [p for p, _ in _text_files(_text_root(cfg))]
-    return resolve_tokenizer(cfg.data.tokenizer, Path(run_dir), files, cfg.model.vocab_size)[0]
+    return resolve_tokenizer(cfg.data.tokenizer, Path(run_dir), files, cfg.model.vocab_size,
+                             resumed=resumed or probe, strict=not probe, data_path=cfg.data.path)[0]
 
 
 def _tokens_per_sample(cfg: Config) -> int:
     return cfg.data.tokens_per_sample or cfg.model.max_positions
 
 
-def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
+def _text_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool,
+                   resumed: bool = False):
     from d2v.data.text import TextBlockDataset, TextMaskFn, collate_text
 
     T = _tokens_per_sample(cfg)
-    tok = text_tokenizer(cfg, Path(cfg.train.out_dir))
+    tok = text_tokenizer(cfg, Path(cfg.train.out_dir), resumed=resumed)
     mask_fn = TextMaskFn(T, cfg.masking.clone_batch, cfg.masking.mask_prob)
     files = [p for p, _ in _text_files(_text_root(cfg))]
     ds = TextBlockDataset(files, tok, block_size=T, seed=cfg.train.seed, mask_fn=mask_fn)
@@ -224,7 +233,7 @@ def _text_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
     from d2v.data.text import TextLineDataset, WordOrderDataset, collate_text_eval, scan_text_source
 
     root = _text_root(cfg)
-    tok = text_tokenizer(cfg, Path(run_dir or cfg.train.out_dir))
+    tok = text_tokenizer(cfg, Path(run_dir or cfg.train.out_dir), probe=True)
     T = _tokens_per_sample(cfg)
     if _has_split(root):
         tr_files, te_files = scan_text_source(root / "train"), scan_text_source(root / "test")
@@ -248,12 +257,16 @@ _PROBE = {"image": _image_probe, "audio": _audio_probe, "text": _text_probe}
 
 
 def build_pretrain_data(cfg: Config, start_step: int = 0, rank: int = 0, world_size: int = 1,
-                        pin_memory: bool = False):
+                        pin_memory: bool = False, resumed: bool = False):
     """-> (dataset, loader): an endless, resumable stream of batches with M masks per sample and their
     gather/restore indices (batch["maskinfo"], computed in the loader workers). `pin_memory` (set it when
     training on CUDA): batches arrive in page-locked memory, so `.to(device, non_blocking=True)` is an
-    asynchronous copy instead of a staged one that may wait for the device."""
-    return _PRETRAIN[cfg.model.modality](cfg, start_step, rank, world_size, pin_memory)
+    asynchronous copy instead of a staged one that may wait for the device. `resumed`: the run continues
+    from a checkpoint (text: reuse the run's tokenizer.json after checking it against the corpus; a fresh
+    run retrains a leftover one)."""
+    modality = cfg.model.modality
+    extra = {"resumed": resumed} if modality == "text" else {}
+    return _PRETRAIN[modality](cfg, start_step, rank, world_size, pin_memory, **extra)
 
 
 def build_probe_tasks(cfg: Config, run_dir: Path | None = None) -> list[ProbeTask]:

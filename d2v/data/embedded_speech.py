@@ -7,7 +7,8 @@ No network is needed: Debian's `espeak-ng` (scripts/setup.sh installs it) speaks
 per-utterance jitter, all drawn from numpy RandomState(SPEECH_SEED). espeak-ng writes 22.05 kHz
 mono; `d2v.data.audio.load_audio` resamples it to 16 kHz, leading/trailing silence is trimmed
 (10 ms frames below -40 dB of the loudest frame, 20/30 ms kept as margin), and the result is
-written as 16-bit PCM wav. Prepared once on first use:
+written as 16-bit PCM wav. Prepared once on first use (~30 s: an info log line says what is being
+prepared and where it is cached, a progress bar over the utterances goes to stderr):
 
     <cache>/speech16k/READY                     json stats + recipe fingerprint, written last
     <cache>/speech16k/wav/<speaker>/<word>.wav  1600 utterances (~0.3-0.9 s each)
@@ -37,15 +38,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 from d2v.data.audio import load_audio
 from d2v.data.embedded import default_cache_dir
+from d2v.log import get_logger
 
 __all__ = [
     "SPEECH_WORDS",
@@ -82,6 +87,7 @@ _TRIM_DB = -40.0  # frames below this RMS relative to the loudest frame are sile
 _TRIM_MARGIN = (2, 3)  # frames kept before the first / after the last voiced frame
 _THREADS = 2
 _READY = "READY"
+log = get_logger(__name__)
 _MISSING_ESPEAK = ("embedded_speech: espeak-ng not found: install it with `apt-get install espeak-ng` "
                    "(scripts/setup.sh does this), or set data.path to your own audio manifest/folder")
 
@@ -191,7 +197,9 @@ def _write_speech_tree(tmp_root: Path, espeak: str) -> dict:
                            raw_dir / f"{s:03d}_{w:02d}.wav", tmp_root / rel)
 
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        lengths = list(pool.map(run, jobs))
+        done = tqdm(pool.map(run, jobs), total=len(jobs), desc="synthesizing speech", unit="utt",
+                    file=sys.stderr, mininterval=1.0, leave=False)
+        lengths = list(done)
     raw_dir.rmdir()
 
     held_out = _probe_test_words()  # (S, k)
@@ -250,6 +258,10 @@ def prepare_speech(cache_dir: Path | str | None = None) -> Path:
     if espeak is None:
         raise RuntimeError(_MISSING_ESPEAK)
     cache.mkdir(parents=True, exist_ok=True)
+    n = len(SPEECH_VOICES) * len(SPEECH_VARIANTS) * len(SPEECH_WORDS)
+    log.info("preparing the embedded speech dataset (first use only, ~30 s): synthesizing %d spoken "
+             "words with espeak-ng, cached in %s", n, final)
+    t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{SPEECH_DIRNAME}.tmp-", dir=cache))
     old: Path | None = None
     try:
@@ -272,4 +284,5 @@ def prepare_speech(cache_dir: Path | str | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    log.info("embedded speech dataset ready in %.0f s: %s", time.perf_counter() - t0, final)
     return final

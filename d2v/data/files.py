@@ -36,3 +36,25 @@ def walk_files(top: Path, accept: Callable[[Path], bool], seen: set[str] | None 
                 seen.add(real)
                 found.append(p)
     return sorted(found)
+
+
+class DataDecodeError(ValueError):
+    """Every file tried for one item failed to decode although it passed the start-up header check
+    (typically a folder of corrupt data behind valid headers: all-NaN audio, truncated images).
+
+    A ValueError, so the command line prints the message as one line and exits 2. A DataLoader worker
+    re-raises an exception in the main process as `type(exc)(<"Caught ... Original Traceback ...">)`;
+    the constructor keeps only the original message from such a text, so the error still reads as
+    one line there."""
+
+    def __init__(self, msg: str = "") -> None:
+        super().__init__(_original_message(str(msg), type(self).__name__))
+
+
+def _original_message(msg: str, name: str) -> str:
+    """The message of the `name` exception at the end of a DataLoader worker's traceback text, or
+    `msg` itself when it is not one."""
+    if not msg.startswith(f"Caught {name} ") or "Traceback" not in msg:
+        return msg
+    tail = msg.rstrip().rsplit(f"{name}: ", 1)
+    return tail[1].strip() if len(tail) == 2 else msg

@@ -24,15 +24,25 @@ rayon threads and by tests/test_data_text.py); no environment variable is needed
 library's own thread pool in the main process only (datasets hold token tensors, not tokenizers, so
 DataLoader workers never touch it).
 
+A run's tokenizer belongs to its corpus and settings: `train_tokenizer` writes a sidecar
+(tokenizer.meta.json) recording what it was trained from, and `resolve_tokenizer` reuses a run
+folder's tokenizer.json only for a resumed run (or the probe), after checking that record; on a
+fresh run an existing one is debris of an attempt that never checkpointed and is replaced.
+
+Messages go through the "d2v" logger: an unusable file is named in one warning per process, however
+many datasets (tokenizer, pretraining blocks, probe lines) read it.
+
 References: fairseq TokenBlockDataset (break mode none) and RoBERTa GPT-2 byte-level BPE
 (HuggingFace `tokenizers` ByteLevel pre-tokenizer/decoder + BPE trainer).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 import os
 import tempfile
-import warnings
+import time
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -44,15 +54,19 @@ from tqdm import tqdm
 from d2v._optional import require
 from d2v.data.files import walk_files
 from d2v.data.seed import derive_seed
+from d2v.log import get_logger, warn_once
 from d2v.masking import random_mask
 
 require("tokenizers", "text data")  # importing this module is asking for text (the imports below are lazy)
+
+log = get_logger(__name__)
 
 __all__ = [
     "BOS", "PAD", "EOS", "UNK", "BOS_ID", "PAD_ID", "EOS_ID", "UNK_ID", "SPECIAL_TOKENS",
     "MIN_VOCAB_SIZE", "TEXT_EXTENSIONS", "TextFileError",
     "read_text_file", "scan_text_source",
     "train_tokenizer", "load_tokenizer", "resolve_tokenizer", "encode_text",
+    "corpus_fingerprint", "tokenizer_meta_path", "read_tokenizer_meta",
     "TextBlockDataset", "TextMaskFn", "TextLineDataset", "collate_text", "collate_text_eval",
 ]
 
@@ -71,6 +85,8 @@ _BOM = b"\xef\xbb\xbf"
 _WARN_FIRST = 5  # bad paths named in the init warning
 _PROGRESS_FROM = 50  # files: show a tokenization progress bar above this many
 _ENCODE_LINES = 8192  # lines per encode_batch call (bounds the Encoding objects alive at once)
+_ANNOUNCE_BYTES = 16 << 20  # corpus size from which tokenization without a bar says it is starting
+_META_FORMAT = 1  # version of the tokenizer sidecar (tokenizer.meta.json)
 
 
 # ---- reading and scanning -----------------------------------------------------------------
@@ -152,8 +168,9 @@ def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_text_name(p.name))
     if per_class:
         if loose:
-            warnings.warn(f"{root}: ignoring {len(loose)} text file(s) directly in the folder "
-                          f"because class subfolders exist, e.g. {loose[0]}", stacklevel=2)
+            warn_once(log, ("text-loose-files", os.path.realpath(root)),
+                      f"{root}: ignoring {len(loose)} text file(s) directly in the folder because "
+                      f"class subfolders exist, e.g. {loose[0]}")
         return [(p, name) for name, files in per_class for p in files]
     if not loose:
         raise ValueError(f"no text files under {root} (accepted: extensions "
@@ -177,9 +194,32 @@ def _common_root(files: Sequence[Path]) -> Path:
         return Path(files[0]).parent
 
 
+_named_bad: set[str] = set()  # real paths of unusable files already named in a warning (process)
+
+
+def _report_bad(bad: Sequence[tuple[str, str]], what: str, root: Path) -> None:
+    """Warn once per process about each unusable file: the tokenizer, the pretraining blocks and the
+    probe's lines read the same folder, and a bad file is named the first time only (every time at
+    debug level)."""
+    new = []
+    for p, why in bad:
+        log.debug("%s %s: skipping unusable text file %s (%s)", what, root, p, why)
+        key = os.path.realpath(p)
+        if key not in _named_bad:
+            _named_bad.add(key)
+            new.append((p, why))
+    if not new:
+        return
+    first = "; ".join(f"{p} ({why})" for p, why in new[:_WARN_FIRST])
+    more = f" and {len(new) - _WARN_FIRST} more" if len(new) > _WARN_FIRST else ""
+    warn_once(log, ("text-unusable-files", frozenset(os.path.realpath(p) for p, _ in new)),
+              f"{root}: skipping {len(new)} unusable text file(s): {first}{more}")
+
+
 def _read_usable(files: Sequence[Path], what: str, root: Path
                  ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """Read every file; -> ([(path, text)], bad [(path, reason)]) with one warning for the bad."""
+    """Read every file; -> ([(path, text)], bad [(path, reason)]). Bad files are named in a warning
+    once per process (`_report_bad`)."""
     good: list[tuple[Path, str]] = []
     bad: list[tuple[str, str]] = []
     for f in files:
@@ -189,11 +229,7 @@ def _read_usable(files: Sequence[Path], what: str, root: Path
             bad.append((e.path, e.reason))
         except OSError as e:
             bad.append((str(f), f"{type(e).__name__}: {e.strerror or e}"))
-    if bad:
-        first = "; ".join(f"{p} ({why})" for p, why in bad[:_WARN_FIRST])
-        more = f" and {len(bad) - _WARN_FIRST} more" if len(bad) > _WARN_FIRST else ""
-        warnings.warn(f"{what} {root}: skipping {len(bad)} unusable text file(s): {first}{more}",
-                      stacklevel=3)
+    _report_bad(bad, what, root)
     if not good:
         detail = f": {len(bad)} files failed, e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
         raise ValueError(f"{what}: no usable text files in {root}{detail}")
@@ -252,15 +288,150 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+# ---- what a tokenizer was trained from (sidecar) -------------------------------------------
+
+
+def tokenizer_meta_path(path: str | Path) -> Path:
+    """The sidecar recording what the tokenizer at `path` was trained from: tokenizer.json ->
+    tokenizer.meta.json (same folder)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.meta.json")
+
+
+def _stats(files: Sequence[str | Path]) -> list[tuple[str, int, int]]:
+    """Sorted (real path, size, mtime_ns) of `files`; (-1, -1) for a file that cannot be stat'ed."""
+    out = []
+    for f in files:
+        real = os.path.realpath(f)
+        try:
+            st = os.stat(real)
+            out.append((real, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((real, -1, -1))
+    return sorted(out)
+
+
+def corpus_fingerprint(files: Sequence[str | Path]) -> str:
+    """sha256 (hex) of the corpus listing: the sorted real paths of `files` with their sizes and
+    modification times. Cheap (one stat per file); any change of the file set, a size or an mtime
+    changes it."""
+    h = hashlib.sha256()
+    for real, size, mtime in _stats(files):
+        h.update(f"{real}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _content_digest(files: Sequence[str | Path]) -> str:
+    """sha256 (hex) of the corpus content: each file's path relative to the files' common folder and
+    the sha256 of its bytes, sorted by that relative path. Unlike `corpus_fingerprint` it does not
+    change when the corpus is moved, copied or touched; it reads every byte."""
+    reals = sorted(os.path.realpath(f) for f in files)
+    if not reals:
+        return hashlib.sha256(b"").hexdigest()
+    try:
+        root = os.path.commonpath([os.path.dirname(r) for r in reals])
+    except ValueError:  # different drives (Windows)
+        root = ""
+    rows = []
+    for real in reals:
+        fh = hashlib.sha256()
+        try:
+            with open(real, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(chunk)
+            digest = fh.hexdigest()
+        except OSError:
+            digest = "unreadable"
+        rel = os.path.relpath(real, root) if root else real
+        rows.append((Path(rel).as_posix(), digest))
+    h = hashlib.sha256()
+    for rel, digest in sorted(rows):
+        h.update(f"{rel}\0{digest}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _corpus_record(files: Sequence[str | Path], data_path: str | None) -> dict[str, Any]:
+    stats = _stats(files)
+    return {"data_path": None if data_path is None else str(data_path),
+            "root": str(_common_root([Path(r) for r, _, _ in stats])),
+            "files": len(stats), "bytes": sum(max(size, 0) for _, size, _ in stats),
+            "fingerprint": corpus_fingerprint(files), "content": _content_digest(files)}
+
+
+def _human_size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _describe_corpus(rec: dict[str, Any]) -> str:
+    where = f"data.path={rec['data_path']!r}, " if rec.get("data_path") is not None else ""
+    return (f"{rec.get('files', '?')} file(s), {_human_size(rec.get('bytes', 0))} "
+            f"({where}under {rec.get('root', '?')})")
+
+
+def read_tokenizer_meta(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of the tokenizer at `path` as a dict, or None when it is missing or unreadable
+    (a tokenizer from an older d2v, or a save interrupted between the tokenizer and its sidecar)."""
+    try:
+        meta = json.loads(tokenizer_meta_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+        return None
+    return meta
+
+
+def _tokenizers_version() -> str:
+    import tokenizers
+
+    return str(getattr(tokenizers, "__version__", "?"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _differences(meta: dict[str, Any], files: Sequence[str | Path], vocab_size: int,
+                 min_frequency: int, data_path: str | None) -> list[str]:
+    """What differs between the sidecar `meta` and the current corpus and settings (empty: nothing).
+    The corpus is compared by its cheap fingerprint first, by content when the listing differs (a
+    moved, copied or touched corpus with the same files is the same corpus)."""
+    diffs = []
+    if meta.get("vocab_size") != int(vocab_size):
+        diffs.append(f"model.vocab_size was {meta.get('vocab_size')} when it was trained, "
+                     f"{vocab_size} now")
+    if meta.get("min_frequency") != int(min_frequency):
+        diffs.append(f"min_frequency was {meta.get('min_frequency')} when it was trained, "
+                     f"{min_frequency} now")
+    corpus = meta.get("corpus") or {}
+    if corpus.get("fingerprint") != corpus_fingerprint(files) \
+            and corpus.get("content") != _content_digest(files):
+        stats = _stats(files)
+        now = {"data_path": data_path, "files": len(stats),
+               "bytes": sum(max(size, 0) for _, size, _ in stats),
+               "root": str(_common_root([Path(r) for r, _, _ in stats]))}
+        diffs.append(f"the corpus differs: it was trained on {_describe_corpus(corpus)}, this run "
+                     f"reads {_describe_corpus(now)}")
+    return diffs
+
+
+# ---- training and loading -----------------------------------------------------------------
+
+
 def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_path: str | Path, *,
-                    min_frequency: int = 2):
+                    min_frequency: int = 2, data_path: str | None = None):
     """Train a byte-level BPE tokenizer (GPT-2/RoBERTa style) on `files`, save it atomically as
-    JSON to `out_path` and return it.
+    JSON to `out_path`, then its sidecar `tokenizer_meta_path(out_path)`, and return it.
 
     Special tokens <s>, <pad>, </s>, <unk> get ids 0..3, then the 256 byte symbols, then merges up
     to `vocab_size` entries (fewer if the text runs out of pairs seen >= min_frequency times).
-    Files are read with `read_text_file`; unusable ones are skipped with one warning.
-    Deterministic: the same texts give the same file byte for byte."""
+    Files are read with `read_text_file`; unusable ones are skipped (named once per process).
+    Deterministic: the same texts give the same file byte for byte.
+
+    The sidecar (JSON, written atomically after the tokenizer) records what it was trained from:
+    vocab_size and min_frequency as asked, the corpus (`data_path` as given, the files' common
+    folder, count, bytes, `corpus_fingerprint` and a content digest), the sha256 of the tokenizer
+    file it describes, and the `tokenizers` version. `resolve_tokenizer` reads it before reusing a
+    run's tokenizer. Logs an info line before training and one after (entries, seconds, path)."""
     from tokenizers import pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
@@ -269,7 +440,13 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_path: str 
     paths = [Path(f) for f in files]
     if not paths:
         raise ValueError("train_tokenizer: no files given")
+    out_path = Path(out_path)
+    corpus = _corpus_record(paths, data_path)  # before reading: a file edited meanwhile mismatches
     good, _ = _read_usable(paths, "tokenizer training", _common_root(paths))
+    size = _human_size(sum(_size(f) for f, _ in good))
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %d file(s), %s of text ...",
+             vocab_size, len(good), size)
+    t0 = time.perf_counter()
     tok = _new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=int(vocab_size), min_frequency=int(min_frequency),
@@ -278,49 +455,148 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_path: str 
     )
     texts = (chunk for _, text in good for chunk in _chunks_of_lines(text))
     tok.train_from_iterator((line for chunk in texts for line in chunk), trainer=trainer)
+    del good, texts
     _check_specials(tok, "after training")
-    _atomic_write_text(Path(out_path), tok.to_str(pretty=True))
+    text = tok.to_str(pretty=True)
+    meta = {"format": _META_FORMAT, "tokenizer_sha256": _sha256(text.encode("utf-8")),
+            "entries": tok.get_vocab_size(), "vocab_size": int(vocab_size),
+            "min_frequency": int(min_frequency), "tokenizers": _tokenizers_version(),
+            "corpus": corpus}
+    # tokenizer first, sidecar last: a sidecar always describes a complete tokenizer file, and a
+    # tokenizer whose sidecar is missing or names another sha256 is known to be unrecorded
+    _atomic_write_text(out_path, text)
+    _atomic_write_text(tokenizer_meta_path(out_path), json.dumps(meta, indent=1) + "\n")
+    log.info("tokenizer: %d entries, trained in %.1f s, saved to %s", tok.get_vocab_size(),
+             time.perf_counter() - t0, out_path)
     return tok
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_tokenizer(path: Path):
+    """-> (tokenizer, sha256 of the file's bytes); errors as in `load_tokenizer`."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # the Rust side raises a plain Exception on bad JSON
+        raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: "
+                         f"{e}") from None
+    _check_specials(tok, f"file {path}")
+    return tok, _sha256(data)
 
 
 def load_tokenizer(path: str | Path):
     """Load a tokenizer JSON; FileNotFoundError / ValueError naming `path` if missing, corrupt, or
     without the special tokens at ids 0..3."""
-    from tokenizers import Tokenizer
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a plain Exception on bad JSON
-        raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: "
-                         f"{e}") from None
-    _check_specials(tok, f"file {path}")
-    return tok
+    return _read_tokenizer(Path(path).expanduser())[0]
 
 
 def resolve_tokenizer(tokenizer_path: str | Path | None, run_dir: str | Path,
-                      files: Sequence[str | Path], vocab_size: int):
-    """-> (tokenizer, path it lives at). Precedence: an explicit `tokenizer_path` is loaded; else
-    `run_dir/tokenizer.json` if it exists (a resumed run reuses it); else a new tokenizer is
-    trained on `files` with `vocab_size` entries and saved there.
+                      files: Sequence[str | Path], vocab_size: int, *, resumed: bool = False,
+                      strict: bool = True, data_path: str | None = None, min_frequency: int = 2):
+    """-> (tokenizer, path it lives at).
+
+    - An explicit `tokenizer_path` (config data.tokenizer) is loaded as is (no corpus check).
+    - Else the run's own `run_dir/tokenizer.json`, which belongs to the run's corpus and settings:
+      * `resumed` (a run continued from its checkpoint; the probe of a run): it is reused after
+        checking its sidecar (`train_tokenizer`) against `files`, `vocab_size` and `min_frequency`.
+        A mismatch is a ValueError naming the file, what differs and what to do; with
+        `strict=False` (the probe, which must use the tokenizer the model was trained with) it is a
+        warning. Without a sidecar describing this file (an older d2v) it is reused unchecked with
+        a warning (debug only when not strict). Missing: trained again, with a warning.
+      * not resumed (a fresh run): an existing file is debris of an attempt that never
+        checkpointed (the trainer refuses a fresh run into a folder with checkpoints). When its
+        sidecar describes it and matches this corpus, these settings and the installed
+        `tokenizers`, retraining would write the same bytes, so it is reused (info line); else a new
+        tokenizer is trained on `files` and atomically replaces it (info line saying so).
+      * no file: a new tokenizer is trained on `files` and saved there with its sidecar
+        (`data_path`, config data.path, is recorded in it).
 
     Raises ValueError if the tokenizer has more entries than `vocab_size` (the model's embedding
-    table, config key model.vocab_size). Training is deterministic and the save atomic, so ranks
-    that race here all end up with the same file."""
+    table, config key model.vocab_size). Several ranks may race here: training is deterministic
+    and both writes atomic, tokenizer first and sidecar last, and the sidecar is read before the
+    tokenizer and must name its sha256, so every rank ends up with the same, consistent files."""
     if tokenizer_path:
         path = Path(tokenizer_path).expanduser()
         tok = load_tokenizer(path)
     else:
         path = Path(run_dir) / "tokenizer.json"
-        tok = load_tokenizer(path) if path.is_file() else train_tokenizer(files, vocab_size, path)
+        tok = _run_tokenizer(path, files, vocab_size, resumed=resumed, strict=strict,
+                             data_path=data_path, min_frequency=min_frequency)
     n = tok.get_vocab_size()
     if n > vocab_size:
         raise ValueError(f"tokenizer {path} has {n} entries but model.vocab_size is {vocab_size}: "
                          f"the embedding table must hold every token id; set model.vocab_size >= "
                          f"{n} or use a smaller tokenizer")
     return tok, path
+
+
+def _run_tokenizer(path: Path, files: Sequence[str | Path], vocab_size: int, *, resumed: bool,
+                   strict: bool, data_path: str | None, min_frequency: int):
+    """The run folder's tokenizer (see `resolve_tokenizer`)."""
+    def train():
+        return train_tokenizer(files, vocab_size, path, min_frequency=min_frequency,
+                               data_path=data_path)
+
+    if not path.is_file():
+        if resumed:
+            log.warning("%s is missing: training the tokenizer again on the corpus (the same corpus "
+                        "and settings give the same tokenizer)", path)
+        return train()
+    meta = read_tokenizer_meta(path)  # before the tokenizer: it is written last
+    tok, sha = _read_tokenizer(path)
+    if meta is not None and meta.get("tokenizer_sha256") != sha:
+        meta = None  # the sidecar describes another tokenizer (a save cut short between the two)
+    key = os.path.realpath(path)
+    if resumed:
+        if meta is None:
+            msg = (f"{path} has no record of the corpus it was trained on "
+                   f"({tokenizer_meta_path(path).name} is missing or describes another file: a run "
+                   f"from an older d2v?); reusing it unchecked")
+            if strict:
+                warn_once(log, ("tokenizer-unrecorded", key), msg)
+            else:
+                log.debug(msg)
+            return tok
+        diffs = _differences(meta, files, vocab_size, min_frequency, data_path)
+        if diffs:
+            what = "; ".join(diffs)
+            if not strict:
+                warn_once(log, ("tokenizer-mismatch", key, what),
+                          f"the probe uses the run's tokenizer {path} although it no longer matches "
+                          f"the data: {what}")
+                return tok
+            raise ValueError(
+                f"tokenizer {path} does not match the resumed run: {what}. The corpus or settings "
+                f"changed since the tokenizer was trained: resume with the original data "
+                f"(data.path) and model.vocab_size, or name a tokenizer with "
+                f"data.tokenizer=PATH (data.tokenizer={path} uses this one as is)")
+        return tok
+    # a fresh run: the file is debris of an attempt that never checkpointed
+    if meta is None:
+        why = "it has no record of what it was trained on"
+    else:
+        diffs = _differences(meta, files, vocab_size, min_frequency, data_path)
+        if meta.get("tokenizers") != _tokenizers_version():
+            diffs.append(f"it was trained with tokenizers {meta.get('tokenizers')}, "
+                         f"{_tokenizers_version()} is installed")
+        if not diffs:
+            log.info("reusing %s, left by an earlier attempt that never checkpointed: it was trained "
+                     "on this same corpus with the same settings", path)
+            return tok
+        why = "; ".join(diffs)
+    log.info("%s is left from a run that never checkpointed (%s): training a new tokenizer to "
+             "replace it", path, why)
+    return train()
 
 
 # ---- pretraining dataset ------------------------------------------------------------------
@@ -333,7 +609,7 @@ class TextBlockDataset(torch.utils.data.Dataset):
 
     `files`: paths (documents, in order) or a str/Path text source for `scan_text_source`.
     Attributes: root (common folder of the files), files (usable ones), bad_files
-    [(path, reason)], num_documents, num_tokens (stream length incl. one EOS per document, before
+    [(path, reason)] (named in a warning once per process), num_documents, num_tokens (stream length incl. one EOS per document, before
     the incomplete tail block is dropped), block_size. len() = number of blocks.
     Item: {"tokens": int64 (block_size,) starting with BOS, "index": the virtual index v,
            "bad": [], "mask": bool (M, T) from mask_fn(generator), only when mask_fn is given}."""
@@ -357,14 +633,21 @@ class TextBlockDataset(torch.utils.data.Dataset):
 
         parts: list[np.ndarray] = []
         eos = np.array([EOS_ID], dtype=np.int32)
+        t0 = time.perf_counter()
+        with_bar = len(good) > _PROGRESS_FROM
+        nbytes = sum(_size(f) for f, _ in good)
+        if not with_bar and nbytes >= _ANNOUNCE_BYTES:  # a few big files: no bar, say it started
+            log.info("tokenizing %d file(s) of %s, %s ...", len(good), self.root, _human_size(nbytes))
         bar = tqdm(good, desc=f"tokenizing {self.root.name}", unit="file", mininterval=1.0,
-                   disable=len(good) <= _PROGRESS_FROM, leave=False)
+                   disable=not with_bar, leave=False)
         for _, text in bar:
             parts.append(encode_text(tokenizer, text))
             parts.append(eos)
         del good
         stream = np.concatenate(parts)  # (N,) int32: doc tokens, EOS, doc tokens, EOS, ...
         self.num_tokens = int(stream.shape[0])
+        log.info("tokenized %s: %d document(s), %s, %d tokens in %.1f s", self.root,
+                 self.num_documents, _human_size(nbytes), self.num_tokens, time.perf_counter() - t0)
         per_block = self.block_size - 1
         n_blocks = self.num_tokens // per_block
         if n_blocks == 0:
@@ -440,7 +723,8 @@ class TextLineDataset(torch.utils.data.Dataset):
     source to scan. `classes`: sorted label names by default; pass the train split's list to the
     test split so label ids agree. Label = classes.index(name), -1 for files without a label.
     A line is stripped of surrounding whitespace and encoded as [BOS] + ids, truncated so the
-    whole example has at most `max_len` tokens. Unusable files go to `bad_files` (one warning).
+    whole example has at most `max_len` tokens. Unusable files go to `bad_files` (each named in a
+    warning once per process: the pretraining data and the tokenizer read the same files).
     Attributes: root, classes, labels (list[int], one per example), bad_files.
     Item: {"tokens": int64 (L,), "label": int}."""
 
