@@ -9,16 +9,24 @@ EMA parameters laid over them (audio/text teachers share the student's feature e
 
 Features are standardized with train statistics; the classifier is multinomial logistic regression
 fit by full-batch L-BFGS in torch (a second per fit, where sklearn's CV took a minute on 80 classes);
-its L2 strength is chosen by stratified cross-validation on the training features only; accuracy is
-measured on the held-out split.
+its L2 strength is chosen by stratified k-fold cross-validation on the training features only (so every
+class needs at least MIN_CV_FOLDS training examples); accuracy is measured on the held-out split.
 
-References: ../shared/spec/probe_feasibility.md (10-shot digits probe as the target signal).
+The few-shot probe is the more telling number on easy data: on the embedded digits a random encoder
+already comes close to the pretrained one with every label, while with 10 labels per class the gain
+from pretraining is much larger.
+
+Progress (per task and encoder: feature extraction, the fits) goes to the "d2v.probe" logger; the
+results are only returned (`format_probe` renders them).
 """
 from __future__ import annotations
 
 import copy
 import json
-import warnings
+import logging
+import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +36,55 @@ import torch.nn.functional as F
 from d2v.checkpoint import load_weights
 from d2v.config import Config
 from d2v.data.build import ProbeTask, build_probe_tasks
+from d2v.log import get_logger
 from d2v.registry import build_model
 from d2v.trainer import seed_everything
 
+log = get_logger(__name__)
+
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on the mean cross-entropy scale
+MAX_CV_FOLDS = 5  # the L2 strength's stratified k-fold CV: k = min(5, examples of the smallest class)
+MIN_CV_FOLDS = 2  # ... and k-fold needs k >= 2: the least examples per class the train split may have
+HELD_OUT = 0.2  # the held-out fraction when the data has no test split
+# A held-out set this small makes the accuracy noisy: below 20 examples one example is worth more than
+# 5 points and the binomial standard error of an accuracy near 50% exceeds 11 points, the size of the
+# gains the probe reports; a class with a single held-out example is scored all or nothing.
+NOISY_HELD_OUT_TOTAL = 20
+NOISY_HELD_OUT_PER_CLASS = 2
+PROGRESS_MIN_BATCHES = 4  # feature extraction shows a bar (on a terminal) from this many batches
+
+
+def _console_shows_info() -> bool:
+    """Whether an info message of this module reaches a console handler (`setup_logging` without
+    --quiet): the progress bar is shown only then, and only on a terminal."""
+    if not log.isEnabledFor(logging.INFO):
+        return False
+    lg = log
+    while lg is not None:
+        for h in lg.handlers:
+            if (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                    and h.level <= logging.INFO):
+                return True
+        lg = lg.parent if lg.propagate else None
+    return False
 
 
 @torch.no_grad()
 def extract_features(model, dataset, task: ProbeTask, pool: str, device,
-                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """-> features (N, D) float32 and labels (N,) int64, in dataset order."""
+                     batch_size: int = 256, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> features (N, D) float32 and labels (N,) int64, in dataset order. With `desc`, a progress bar
+    over the batches on stderr when there are many and stderr is a terminal showing info messages."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                                          collate_fn=task.collate)
     feats, labels = [], []
-    for batch in loader:
+    batches = loader
+    if desc is not None and len(loader) >= PROGRESS_MIN_BATCHES and _console_shows_info() \
+            and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=desc, unit="batch", leave=False, file=sys.stderr, mininterval=0.5)
+    for batch in batches:
         pad = batch.get("padding_mask")
         feats.append(model.extract_features(batch[task.source_key].to(device), pool=pool,
                                             padding_mask=None if pad is None else pad.to(device)).cpu())
@@ -78,8 +120,9 @@ def fit_logreg(x_ND: torch.Tensor, y_N: torch.Tensor, num_classes: int, l2: floa
 
 def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0) -> float:
     """Held-out accuracy (%) of multinomial logistic regression on standardized features; the L2
-    strength is chosen from L2_GRID by stratified k-fold CV on the training features only (k = 5,
-    fewer when a class has fewer examples), then the model is refit on all of them."""
+    strength is chosen from L2_GRID by stratified k-fold CV on the training features only (k =
+    MAX_CV_FOLDS, fewer when a class has fewer examples; no CV, the grid's middle value, when a class
+    has a single one, as in a 1-shot subset), then the model is refit on all of them."""
     from sklearn.model_selection import StratifiedKFold
 
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -89,9 +132,9 @@ def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0) -> float:
     yt = torch.from_numpy(yt)
     C = len(classes)
     counts = np.bincount(yt.numpy())
-    folds = int(min(5, counts.min()))
+    folds = int(min(MAX_CV_FOLDS, counts.min()))
     best = L2_GRID[len(L2_GRID) // 2]
-    if folds >= 2 and C > 1:
+    if folds >= MIN_CV_FOLDS and C > 1:
         splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(xt.numpy(), yt.numpy()))
         scores = []
         for l2 in L2_GRID:
@@ -111,7 +154,7 @@ def _split(ds_all, seed: int):
 
     idx = np.arange(len(ds_all))
     labels = np.asarray(ds_all.labels)
-    tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=labels)
+    tr, te = train_test_split(idx, test_size=HELD_OUT, random_state=seed, stratify=labels)
     sub = torch.utils.data.Subset
     return sub(ds_all, tr.tolist()), sub(ds_all, te.tolist())
 
@@ -140,6 +183,73 @@ class UnlabelledData(ValueError):
     """The probe's data has no labels (`d2v pretrain` then skips the probe with a note)."""
 
 
+def _labels_of(ds) -> np.ndarray:
+    """A probe dataset's labels (one per example), also through a Subset."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return _labels_of(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    return np.asarray(ds.labels)
+
+
+def _class_name(ds, label: int) -> str:
+    """A label as its class (folder / label column) name, quoted; the number when there is no name."""
+    classes = getattr(ds, "classes", None)
+    if classes is not None and 0 <= label < len(classes):
+        return repr(str(classes[label]))
+    return f"label {label}"
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}{'es' if word.endswith('s') else 's'}"
+
+
+def check_train_split(ds_train, labels: np.ndarray, holds_out: bool) -> None:
+    """Raise a one-line ValueError, naming the classes by name, when the train split is too small for
+    the probe: each class needs MIN_CV_FOLDS examples for the L2 strength's k-fold cross-validation,
+    one more when the probe holds out its own test examples (no test split); the held-out share must
+    also have at least one example per class (a stratified split cannot do with fewer)."""
+    where = getattr(ds_train, "root", None) or "the probe's train split"
+    need = MIN_CV_FOLDS + (1 if holds_out else 0)
+    classes, counts = np.unique(labels, return_counts=True)
+    few = sorted((int(n), int(c)) for c, n in zip(classes, counts) if n < need)
+    if few:
+        if len(few) == 1:
+            named = f"class {_class_name(ds_train, few[0][1])} has {_n(few[0][0], 'example')}"
+        else:
+            named = "classes " + ", ".join(f"{_class_name(ds_train, c)} ({_n(n, 'example')})"
+                                           for n, c in few[:5])
+            named += f" and {len(few) - 5} more have fewer than {need}" if len(few) > 5 else " have too few"
+        why = f"{MIN_CV_FOLDS} to pick its L2 strength by k-fold cross-validation, k >= {MIN_CV_FOLDS}"
+        if holds_out:
+            why += (f", and 1 to hold out: there is no test split, so the probe holds out {HELD_OUT:.0%} "
+                    f"of these")
+        raise ValueError(f"{where}: {named}; the linear probe needs at least {need} examples per "
+                         f"class ({why}): add examples or remove the class")
+    if holds_out:
+        n_test = math.ceil(HELD_OUT * len(labels))  # as sklearn's train_test_split counts it
+        if n_test < len(classes):
+            total = len(labels)
+            while math.ceil(HELD_OUT * total) < len(classes):
+                total += 1
+            raise ValueError(f"{where}: {_n(len(labels), 'example')} in {len(classes)} classes; with no "
+                             f"test split the probe holds out {HELD_OUT:.0%} of them ({n_test}), fewer than "
+                             f"one per class: it needs at least {total} examples here, or separate train and "
+                             f"test splits")
+
+
+def _warn_if_noisy(task: str, ds_test) -> None:
+    """A warning when the held-out set is too small for a steady accuracy (see NOISY_HELD_OUT_*)."""
+    y = _labels_of(ds_test)
+    y = y[y >= 0]
+    counts = np.unique(y, return_counts=True)[1]
+    fewest = int(counts.min()) if counts.size else 0
+    if len(y) < NOISY_HELD_OUT_TOTAL or fewest < NOISY_HELD_OUT_PER_CLASS:
+        point = 100.0 / max(len(y), 1)
+        log.warning(f"probe {task}: only {_n(len(y), 'held-out example')} (fewest in a class: {fewest}): its "
+                    f"accuracies are noisy at this size (one example is {point:.1f} points); "
+                    f"at least {NOISY_HELD_OUT_TOTAL} held-out examples and {NOISY_HELD_OUT_PER_CLASS} per "
+                    f"class give steadier numbers")
+
+
 def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int, device,
                    run_dir: Path | None = None) -> dict:
     """Probe each named encoder on every task -> {task: {name: {"full": acc, f"{shots}shot": acc},
@@ -152,18 +262,30 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
             unlabelled.append(f"the {task.name} probe needs labelled data: {ds_train.root} has unlabelled "
                               f"examples (put each class in its own subfolder, or give a label column)")
             continue
+        check_train_split(ds_train, labels, holds_out=ds_test is None)
         if ds_test is None:
             ds_train, ds_test = _split(ds_train, seed)
         to_train = _test_to_train_labels(ds_train, ds_test)  # None: both splits number classes alike
+        tag = f"probe {task.name}:"
+        log.info(f"{tag} {len(ds_train)} train / {len(ds_test)} held-out examples, "
+                 f"{_n(len(np.unique(labels)), 'class')}, {_n(len(encoders), 'encoder')}")
+        _warn_if_noisy(task.name, ds_test)
         res = {}
         for name, model in encoders.items():
-            x_tr, y_tr = extract_features(model, ds_train, task, pool, device)
-            x_te, y_te = extract_features(model, ds_test, task, pool, device)
+            t0 = time.perf_counter()
+            x_tr, y_tr = extract_features(model, ds_train, task, pool, device, desc=f"{tag} {name} train")
+            x_te, y_te = extract_features(model, ds_test, task, pool, device, desc=f"{tag} {name} held-out")
+            t1 = time.perf_counter()
+            log.info(f"{tag} {name} features {len(x_tr)}/{len(x_te)} (train/held-out) in {t1 - t0:.1f} s")
             if to_train is not None:
                 y_te = np.where(y_te >= 0, to_train[np.maximum(y_te, 0)], y_te)
             few = few_shot_indices(y_tr, shots, seed)
-            res[name] = {"full": logreg_accuracy(x_tr, y_tr, x_te, y_te, seed),
+            full = logreg_accuracy(x_tr, y_tr, x_te, y_te, seed)
+            t2 = time.perf_counter()
+            res[name] = {"full": full,
                          f"{shots}shot": logreg_accuracy(x_tr[few], y_tr[few], x_te, y_te, seed)}
+            log.info(f"{tag} {name} logistic regression fit: full {t2 - t1:.1f} s, {shots}-shot "
+                     f"{time.perf_counter() - t2:.1f} s")
         key = f"{shots}shot"
         res.update(n_train=len(ds_train), n_test=len(ds_test), classes=len(np.unique(labels)),
                    gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
@@ -172,7 +294,7 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
     if not results:
         raise UnlabelledData("; ".join(unlabelled))
     for msg in unlabelled:
-        warnings.warn(f"skipped: {msg}")
+        log.warning(f"probe task skipped: {msg}")
     return results
 
 
@@ -203,6 +325,7 @@ def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None
     teacher = teacher_encoder(student, state["teacher"], ck)
     encoders = {"pretrained": student, "teacher": teacher, "random_init": random_init}
     run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
+    log.info(f"probe: {ck} (step {int(state['step'])}), {pool}-pooled features, on {dev}")
     res = {"tasks": probe_encoders(cfg, encoders, pool, shots, cfg.probe.seed, dev, run_dir)}
     res.update(checkpoint=str(ck), step=int(state["step"]), pool=pool, shots=shots,
                modality=cfg.model.modality)
