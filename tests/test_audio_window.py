@@ -80,11 +80,12 @@ def _tolerance(file_rate: int, peak: float) -> float:
 @pytest.mark.parametrize("fmt,subtype", [("flac", None), ("wav", "PCM_16"), ("wav", "FLOAT")])
 def test_same_rate_window_is_bounded_and_bit_identical(tmp_path, frames_read, fmt, subtype):
     """60 s at 16 kHz: a train item reads exactly CAP frames and equals the whole-file crop bit for
-    bit (normalize=False), and the layer norm of that crop with normalize=True."""
-    p = _write(tmp_path / f"long.{fmt}", 60, SR, subtype=subtype)
+    bit (normalize=False), and the layer norm of that crop with normalize=True (past WHOLE_NORM_MAX_S:
+    a shorter file is normalized whole before the crop, as the reference does)."""
+    p = _write(tmp_path / f"long.{fmt}", 61, SR, subtype=subtype)
     whole = load_audio(p, SR)  # (960000,)
     L = whole.shape[0]
-    assert L == 60 * SR
+    assert L == 61 * SR
     raw = AudioDataset(tmp_path, max_samples=CAP, normalize=False, seed=5)
     norm = AudioDataset(tmp_path, max_samples=CAP, normalize=True, seed=5)
     for epoch in range(4):
@@ -216,3 +217,17 @@ def test_tolerance_catches_a_margin_shorter_than_the_filter(tmp_path, monkeypatc
     monkeypatch.setattr(audio, "_window_frames", lambda s, n, u, d, half: orig(s, n, u, d, half - 2 * up))
     got = audio.load_audio_window(p, SR, 50_000, CAP)
     assert float(np.abs(got - whole[50_000 : 50_000 + CAP]).max()) > 10 * _tolerance(44100, 0.5)
+
+
+def test_speech_length_files_are_normalized_whole_before_the_crop(tmp_path):
+    """With normalize on, a file up to WHOLE_NORM_MAX_S is normalized over the whole utterance, then
+    cropped (the reference's order); the window-only decode is for longer recordings."""
+    from d2v.data.audio import WHOLE_NORM_MAX_S
+
+    p = _write(tmp_path / "utt.wav", 30, SR, subtype="FLOAT")
+    assert 30 <= WHOLE_NORM_MAX_S
+    whole = torch.from_numpy(load_audio(p, SR))  # (480000,)
+    ds = AudioDataset(tmp_path, max_samples=CAP, normalize=True, seed=2)
+    normed = F.layer_norm(whole, whole.shape, eps=1e-5)
+    start = _expected_start(ds, 0, 0, whole.shape[0])
+    assert torch.equal(ds[0]["audio"], normed[start : start + CAP])

@@ -20,10 +20,11 @@ extension (fairseq keeps labels in separate .ltr/.wrd files).
 Differences from the reference, on purpose: the masks are generated on the *cropped* batch length
 (reference: on the full utterance, then cropped with an independent offset, which breaks the exact
 masked count per row; spec pitfall #19), so every row has exactly int(T * mask_prob) masked frames.
-A file longer than max_samples is decoded only over its crop window (`load_audio_window`: a
-10-minute 44.1 kHz file is not decoded and resampled whole for 20 s of it), so with `normalize` the
-zero-mean/unit-variance statistics are those of the max_samples crop, not of the whole utterance
-(reference: normalize the utterance, then crop). Files up to max_samples long are unaffected.
+A file longer than WHOLE_NORM_MAX_S seconds (a recording, not an utterance) is decoded only over its
+crop window (`load_audio_window`: a 10-minute 44.1 kHz file is not decoded and resampled whole for
+20 s of it), so with `normalize` its statistics are those of the crop; every shorter file is
+normalized whole, then cropped, as in the reference (without `normalize` any long file reads only
+its window).
 
 References: fairseq/data/audio/raw_audio_dataset.py (postprocess layer_norm, crop_to_max_size,
 collater), fairseq/data/data_utils.py compute_block_mask_1d, fairseq bucket_pad_length_dataset
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg")  # compared case-insensitively
+WHOLE_NORM_MAX_S = 60  # with data.normalize, longer files are normalized over their crop window only
 _MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
 _WARN_FIRST = 5  # bad paths named in the init warning
 # files: show a progress bar for the start-up header check from this many. Measured roughly (this
@@ -465,26 +467,34 @@ class AudioDataset(torch.utils.data.Dataset):
         g = self.item_generator(epoch, i)
         return int(torch.randint(0, length - self.max_samples + 1, (1,), generator=g))
 
-    def _load(self, path: Path, epoch: int, i: int) -> np.ndarray:
-        """The waveform of item i of `epoch` from `path`, float32 (<= max_samples,): the whole file
-        if it fits, else only the crop window decoded."""
+    def _load(self, path: Path, epoch: int, i: int) -> tuple[np.ndarray, bool]:
+        """(waveform of item i of `epoch` from `path`, float32 (<= max_samples,), normalized already).
+
+        The whole file if it fits. A longer one is cropped; with `normalize` the reference normalizes
+        the whole utterance before cropping, which d2v keeps for utterances up to
+        WHOLE_NORM_MAX_S seconds (every utterance of a speech corpus: LibriSpeech's longest is 35 s).
+        Only longer files (a 10-minute recording) decode just the crop window, normalized by itself."""
         cap, wav = self.max_samples, None
         with _open(path) as f:
             if cap is None:
-                return _decode_whole(f, path, self.sample_rate)
+                return _decode_whole(f, path, self.sample_rate), False
             n = resampled_length(f.frames, f.samplerate, self.sample_rate)
-            if n > cap:
+            if n > cap and not (self.normalize and n <= WHOLE_NORM_MAX_S * self.sample_rate):
                 wav = _decode_window(f, path, self.sample_rate, self._crop_start(epoch, i, n), cap)
                 if wav is not None:
-                    return wav
+                    return wav, False
             else:
                 wav = _decode_whole(f, path, self.sample_rate)
         if wav is None:  # fewer frames than the header says: decode what there is, crop that
             wav = load_audio(path, self.sample_rate)
+        normed = False
         if wav.shape[0] > cap:
+            if self.normalize:  # the reference's order: normalize the utterance, then crop
+                x = torch.from_numpy(wav)
+                wav, normed = F.layer_norm(x, x.shape, eps=_NORM_EPS).numpy(), True
             start = self._crop_start(epoch, i, wav.shape[0])
             wav = np.ascontiguousarray(wav[start : start + cap])
-        return wav
+        return wav, normed
 
     def __getitem__(self, v: int) -> dict[str, Any]:
         v = operator.index(v)
@@ -500,7 +510,7 @@ class AudioDataset(torch.utils.data.Dataset):
             j = (i + k) % n
             path = self.entries[j].path
             try:
-                wav = self._load(path, epoch, i)  # (L,), L <= max_samples
+                wav, normed = self._load(path, epoch, i)  # (L,), L <= max_samples
             except AudioDecodeError as e:
                 warn_once(log, ("audio-decode-failed", str(path)),
                           f"{e}; falling back to index {(j + 1) % n}")
@@ -508,7 +518,7 @@ class AudioDataset(torch.utils.data.Dataset):
                 reasons.append(str(e))
                 continue
             x = torch.from_numpy(wav)  # (L,)
-            if self.normalize:
+            if self.normalize and not normed:
                 x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
             return {"audio": x.contiguous(), "label": self.labels[j], "index": v, "file_index": j,
                     "bad": bad}
