@@ -1,8 +1,18 @@
-"""The `d2v` command line: pretrain, probe, export.
+"""The `d2v` command line: pretrain, probe, export, config.
 
-  d2v pretrain --config configs/tiny_image.yaml [key=value ...] [--resume [DIR]] [--no-probe]
+  d2v pretrain --config tiny_image [key=value ...] [--resume [DIR]] [--no-probe] [--quiet]
   d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
   d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt
+  d2v config --config tiny_image [key=value ...]      (prints the resolved config)
+  d2v --version
+
+Options and key=value overrides may come in any order. Results go to stdout; the banner, progress and
+warnings go to stderr (and, for a run, to <out_dir>/train.log).
+
+Exit codes: 0 done; 2 a usage, config, data or checkpoint error (one line naming what and where);
+3 the loss diverged; 74 the run folder is not writable or the disk is full; 75 stopped by SIGTERM or
+SIGINT after writing a checkpoint (resume with --resume); 130 interrupted at once (a second Ctrl-C, or
+Ctrl-C outside the training loop; the last complete checkpoint is kept).
 
 On several processes (the DeepSpeed engine, d2v/engine.py):
   deepspeed --num_gpus N --module d2v pretrain --config ...   (add --hostfile FILE for several nodes)
@@ -11,13 +21,22 @@ On several processes (the DeepSpeed engine, d2v/engine.py):
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 from d2v._optional import MissingDependency
+from d2v.checkpoint import CheckpointWriteError
 from d2v.config import ConfigError
+from d2v.log import get_logger, setup_logging
+from d2v.preempt import EXIT_STOPPED
 
 SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
+EXIT_USAGE, EXIT_DIVERGED, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 74, 130
+IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+log = get_logger("d2v.cli")
 
 
 def _pretrain(args) -> int:
@@ -26,14 +45,21 @@ def _pretrain(args) -> int:
     from d2v.probe import UnlabelledData, format_probe, run_probe
 
     cfg = load_config(args.config, args.overrides)
-    trainer = make_trainer(cfg, resume=args.resume, progress=not args.no_progress, config_path=args.config)
+    trainer = make_trainer(cfg, resume=args.resume, progress=not (args.no_progress or args.quiet),
+                           config_path=args.config)
     summary = trainer.train()
+    if summary.get("stopped_by"):
+        if trainer.is_main:
+            print(f"\nstopped by {summary['stopped_by']} at step {summary['steps']} after writing "
+                  f"{summary['checkpoint']}: continue with the same command plus --resume")
+        return EXIT_STOPPED
     if not trainer.is_main:  # rank 0 reports and probes
         return 0
     f = summary["final"]
     if summary["steps_this_run"] == 0:
-        print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} "
-              f"(raise train.max_steps to continue it)")
+        print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} (a longer "
+              f"train.max_steps continues it with a re-stretched cosine schedule: see "
+              f"train.allow_schedule_change)")
     print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['wall_s']:.0f} s, "
           f"{summary['samples_per_s']:.1f} {SAMPLE_UNIT[cfg.model.modality]}/s | loss {f.get('loss', float('nan')):.4f} "
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
@@ -46,7 +72,7 @@ def _pretrain(args) -> int:
     if bad:
         print(f"  skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     if cfg.train.probe_after and not args.no_probe:
-        print("\nprobing (frozen features, logistic regression) ...", flush=True)
+        log.info("\nprobing (frozen features, logistic regression) ...")
         try:
             print(format_probe(run_probe(summary["checkpoint"])))
         except UnlabelledData as e:  # pretraining on unlabelled data is fine: say why there is no probe
@@ -67,6 +93,9 @@ def _export(args) -> int:
 
     from d2v.checkpoint import load_weights
 
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--out {args.out}: the folder {parent} does not exist (create it first)")
     state, cfg, ck = load_weights(args.checkpoint)
     torch.save({"student": state["model"], "teacher": state["teacher"], "config": cfg, "step": state["step"]},
                args.out)
@@ -74,23 +103,54 @@ def _export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining")
-    # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
-    # environment it also sets: d2v reads those)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True)
-    pt = sub.add_parser("pretrain", help="pretrain with data2vec 2.0 (then run the linear probe)")
-    pt.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_image.yaml")
-    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+def _config(args) -> int:
+    import yaml
+
+    from d2v.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        v = version("d2v")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a checkout on PYTHONPATH)
+        from d2v import __version__ as v
+    import platform
+
+    import torch
+
+    return f"d2v {v} (torch {torch.__version__}, python {platform.python_version()})"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (and "
+                   "the results on stdout); no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a recipe name (tiny_image, base_audio, ...) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 (keys: "
+                   "`d2v config --config X` prints them all with their values)")
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    """One parser per command (parsed with parse_intermixed_args: options and overrides in any order)."""
+    pt = argparse.ArgumentParser(prog="d2v pretrain", description="pretrain with data2vec 2.0 (then run the "
+                                 "linear probe)")
+    _overrides(pt)
     pt.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                     help="continue the run in train.out_dir from its latest checkpoint (or start it if "
-                         "it has none), or resume from the checkpoint folder DIR; DIR is optional, so put "
-                         "--resume after the key=value overrides")
+                         "it has none), or resume from the checkpoint folder DIR")
     pt.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.set_defaults(fn=_pretrain)
-    pr = sub.add_parser("probe", help="linear probe of a checkpoint vs a random init")
+    pr = argparse.ArgumentParser(prog="d2v probe", description="linear probe of a checkpoint vs a random init")
     pr.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     pr.add_argument("--pool", choices=("mean", "cls"), default=None,
                     help="pool the encoder's outputs by their mean or take the CLS token (default: the "
@@ -98,27 +158,79 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--shots", type=int, default=None, help="examples per class for the few-shot probe")
     pr.add_argument("--json", action="store_true", help="print the result as JSON")
     pr.set_defaults(fn=_probe)
-    ex = sub.add_parser("export", help="write consolidated fp32 student + teacher weights and config to one "
-                                       ".pt file (DeepSpeed checkpoints via zero_to_fp32; loads without it)")
+    ex = argparse.ArgumentParser(prog="d2v export", description="write consolidated fp32 student + teacher "
+                                 "weights and config to one .pt file (DeepSpeed checkpoints via zero_to_fp32; "
+                                 "loads without it)")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     ex.add_argument("--out", required=True, help="the .pt file to write")
     ex.set_defaults(fn=_export)
+    co = argparse.ArgumentParser(prog="d2v config", description="print the resolved config (recipe, flavor "
+                                 "preset and overrides applied) as YAML")
+    _overrides(co)
+    co.set_defaults(fn=_config)
+    subs = {"pretrain": pt, "probe": pr, "export": ex, "config": co}
+    for p in subs.values():
+        _common(p)
+    return subs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top level: global options, then a command whose own arguments (`args`) its parser reads."""
+    p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining. Commands: pretrain, probe, "
+                                "export, config (`d2v COMMAND --help` for each).")
+    p.add_argument("--version", action="version", version="%(prog)s")  # replaced in main (imports torch)
+    # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
+    # environment it also sets: d2v reads those)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    _common(p)
+    p.add_argument("command", choices=sorted(subparsers()), help="what to do")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if "--version" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]:
+        print(_version())
+        raise SystemExit(0)
+    top = build_parser().parse_args(argv)
+    args = subparsers()[top.command].parse_intermixed_args(top.args)
+    args.command = top.command
+    args.quiet, args.verbose = args.quiet or top.quiet, args.verbose or top.verbose
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
+        args.overrides.append(resume)  # `--resume key=value`: an override, not a folder
+        args.resume = True
+    return args
+
+
+def _error(args, e) -> None:
+    """One line on stderr: `d2v COMMAND: error: ...` (a multi-line ConfigError lists one key per line)."""
+    print(f"d2v {args.command}: error: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(quiet=args.quiet or int(os.environ.get("RANK", "0")) > 0, verbose=args.verbose)
     try:
         return args.fn(args)
     except (ConfigError, MissingDependency, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        _error(args, e)
+        return EXIT_USAGE
     except FloatingPointError as e:  # the loss diverged: the last complete checkpoint is kept
-        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
-        return 3
+        _error(args, e)
+        return EXIT_DIVERGED
+    except CheckpointWriteError as e:  # disk full, read-only or not a folder: the message names it
+        _error(args, e)
+        return EXIT_IO
+    except OSError as e:
+        if e.errno not in IO_ERRNOS:
+            raise
+        what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
+        _error(args, f"{what}: {e}")
+        return EXIT_IO
     except KeyboardInterrupt:
-        print("\ninterrupted: resume with --resume (the last complete checkpoint is kept)", file=sys.stderr)
-        return 130
+        _error(args, "interrupted: resume with --resume (the last complete checkpoint is kept)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""One typed config tree for d2v, loaded from YAML recipes in configs/ with key=value overrides.
+"""One typed config tree for d2v, loaded from YAML recipes (the packaged ones in d2v/configs/, named
+like `tiny_image`, or any YAML file) with key=value overrides.
 
 Every field has a default and a one-line meaning; unknown keys and values of the wrong type are
 rejected with a message naming the dotted key. `model.flavor` selects an architecture preset from
 `d2v.registry` that the other `model.*` keys then override.
 
-References: ../shared/spec/data2vec2.md §0 and §6 (defaults); torchtitan config/configs.py (style).
+The defaults follow the data2vec 2.0 reference's per-modality settings (docs/ lists them).
 """
 from __future__ import annotations
 
@@ -248,6 +249,12 @@ class TrainConfig:
     out_dir: str = "runs/d2v"  # checkpoints, metrics.csv, loss-curve PNG
     log_every: int = 10  # steps between metric logs (the only host syncs)
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+    # also checkpoint once this many minutes passed since the last one (0 = off): bounds the work a
+    # crash can lose when steps are slow; a SIGTERM/SIGINT always checkpoints before the run stops
+    ckpt_every_minutes: float = 0.0
+    # on --resume, accept a train.max_steps that moves the learning rate at the resume step (the cosine
+    # schedule is a function of max_steps; without this such a resume is refused, naming the jump)
+    allow_schedule_change: bool = False
     keep_last: int = 3  # checkpoints kept on disk
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     probe_after: bool = True  # run the linear probe when pretraining ends
@@ -263,6 +270,7 @@ class TrainConfig:
             c.at_least(f"{p}.{k}", getattr(self, k), 1)
         c.at_least(f"{p}.seed", self.seed, 0)
         c.at_least(f"{p}.num_threads", self.num_threads, 0)
+        c.at_least(f"{p}.ckpt_every_minutes", self.ckpt_every_minutes, 0)
 @dataclass(kw_only=True)
 class DataConfig:
     # image folder (class subfolders optional) | audio manifest (.tsv) or folder | text file or folder;
@@ -323,6 +331,10 @@ class EngineConfig:
     optimizer: str = "torch_adamw"
     ds_config: Optional[str] = None  # DeepSpeed JSON: adds keys d2v does not derive (derived ones must agree)
     max_nonfinite_steps: int = 10  # stop after this many non-finite-loss steps in a row (each is skipped)
+    # process-group timeout: a collective that waits this long for a dead or hung rank fails the run
+    # (NCCL's async error handling is turned on, so this holds on GPUs too; it also bounds the wait for
+    # all ranks to join at start-up); resume with --resume
+    timeout_minutes: float = 10.0
 
     def validate(self, p: str, c: _Check) -> None:
         c.choice(f"{p}.name", self.name, ENGINES)
@@ -330,6 +342,7 @@ class EngineConfig:
         c.choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
         c.at_least(f"{p}.grad_accum_steps", self.grad_accum_steps, 1)
         c.at_least(f"{p}.max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        c.positive(f"{p}.timeout_minutes", self.timeout_minutes)
         if self.offload_optimizer and self.zero_stage == 0:
             c.fail(f"{p}.offload_optimizer needs {p}.zero_stage >= 1 (DeepSpeed offloads "
                    f"only partitioned optimizer states)")
@@ -531,6 +544,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 # keys that may differ between a checkpoint's config and the resuming run's (they change no numerics,
 # except float rounding: train.num_threads and train.compile reorder reductions)
 RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.ckpt_every_minutes", "train.allow_schedule_change", "engine.timeout_minutes",
                      "train.probe_after", "train.num_threads", "train.tensorboard", "train.out_dir",
                      "train.compile", "train.compile_mode",
                      "data.num_workers", "probe.pool", "probe.shots", "probe.seed",
@@ -560,9 +574,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML recipe (or start from defaults when path is None) and apply key=value overrides."""
     d: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        from d2v.recipes import resolve_config_path
+
+        try:
+            p = resolve_config_path(str(path))  # a file, else a packaged recipe's name (tiny_image, ...)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
         try:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -40,11 +40,20 @@ import yaml
 
 from d2v import ops
 from d2v._optional import require
-from d2v.checkpoint import CONFIG_FILE, begin_checkpoint, commit_checkpoint, load_checkpoint, write_state
+from d2v.checkpoint import (
+    CONFIG_FILE,
+    begin_checkpoint,
+    checkpoint_write_guard,
+    commit_checkpoint,
+    load_checkpoint,
+    write_state,
+)
 from d2v.config import Config, ConfigError, _deep_merge, _flat, check_resume_config
 from d2v.ema import EMATeacher, ema_decay
-from d2v.trainer import Trainer, lr_at, param_groups, rng_state, set_rng_state
+from d2v.log import get_logger
+from d2v.trainer import Trainer, check_schedule_change, lr_at, param_groups, rng_state, set_rng_state
 
+log = get_logger(__name__)
 DS_TAG = "ds"  # DeepSpeed's own checkpoint inside each d2v checkpoint folder: <step>/ds/
 
 # DeepSpeed keys d2v derives from its own config -> the d2v key that sets them
@@ -144,9 +153,26 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     return ApexFusedAdam(groups, adam_w_mode=True, **kw)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join (or, with no launcher, create a 1-process) process group -> (rank, world_size)."""
+def init_distributed(timeout_minutes: float = 10.0) -> tuple[int, int]:
+    """Join (or, with no launcher, create a 1-process) process group -> (rank, world_size).
+
+    `timeout_minutes` (engine.timeout_minutes) bounds how long a collective waits for a rank: past it
+    the run fails instead of hanging on a dead peer. On gloo a dead peer's closed socket fails the
+    survivors at once; NCCL needs its async error handling on (set here unless the user set it) to turn
+    the timeout into an error that ends the process."""
+    import datetime
+
     import deepspeed
+
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # groups created later without a timeout (DeepSpeed's data-parallel groups: new_group(timeout=None))
+    # take torch's module-wide default (30 min on gloo), not the world group's: set that default too
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
     if os.environ.get("D2V_DEEPSPEED_SHM", "1") == "0":  # skip the ~30 s JIT of the CPU shm comm op
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -159,7 +185,8 @@ def init_distributed() -> tuple[int, int]:
         for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                      "MASTER_PORT": str(port)}.items():
             os.environ.setdefault(k, v)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -422,7 +449,7 @@ class DeepSpeedTrainer(Trainer):
             raise ConfigError("train.compile: the DeepSpeed engine does not compile the step (ZeRO's "
                               "parameter hooks are untested under torch.compile); use engine.name=single "
                               "or train.compile=false")
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(self.cfg.engine.timeout_minutes)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
@@ -430,6 +457,9 @@ class DeepSpeedTrainer(Trainer):
             raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 "
                               "or fp32")
         self.micro_steps = self.cfg.engine.grad_accum_steps
+
+    def _barrier(self) -> None:
+        torch.distributed.barrier()  # rank 0 cleaned the run folder: now every rank may resolve there
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -463,7 +493,7 @@ class DeepSpeedTrainer(Trainer):
         A non-finite loss on any rank drops the whole step, with no host sync per micro-batch: each rank
         keeps a device flag (every loss of the window so far finite here) and, from its first non-finite
         loss on, backpropagates zero instead (torch.where: no NaN enters through the loss). After the
-        window's last backward, one all-reduce of the flags and one host read (`_finite_on_all_ranks`)
+        window's last backward, one all-reduce of the flags and one host read (`_agree`)
         decide on every rank alike whether the boundary's engine.step() applies the update; a dropped
         step still runs it (reduce, clip, clear the gradients, so DeepSpeed's bookkeeping stays aligned)
         with the update suppressed (`_no_update`). Its batches are consumed; it counts as skipped and
@@ -493,7 +523,7 @@ class DeepSpeedTrainer(Trainer):
             n += source.shape[0]
             if i < self.micro_steps - 1:
                 self.engine.step()  # inside the window: DeepSpeed only counts the micro-batch
-        if not self._finite_on_all_ranks(ok):
+        if not self._agree(ok):
             with self._no_update():
                 self.engine.step()  # the boundary: gradients reduced and cleared, no update
             self.skipped_steps += 1
@@ -525,21 +555,35 @@ class DeepSpeedTrainer(Trainer):
             for o in opts:
                 del o.step
 
-    def _finite_on_all_ranks(self, ok: torch.Tensor) -> bool:
-        """Collective: True when every rank's flag `ok` (a () bool on this rank's device: NCCL reduces
-        CUDA tensors only) is True. Its .item() is the optimizer step's one host sync."""
-        flag = ok.float().reshape(1)  # (1,)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+    _agreed = (False, False)  # (stop, checkpoint now) as all ranks agreed at the last step's boundary
+
+    def _agree(self, ok: torch.Tensor) -> bool:
+        """Collective, once per optimizer step: True when every rank's flag `ok` (a () bool on this
+        rank's device: NCCL reduces CUDA tensors only) is True. The same all-reduce carries each rank's
+        stop request (a SIGTERM/SIGINT that reached it) and whether train.ckpt_every_minutes passed on
+        its clock, so every rank stops or checkpoints after the same step (`_requests`). Its .item()
+        is the optimizer step's one host sync; the host flags travel in a non-blocking copy."""
+        stop, due = self._local_requests()
+        host = torch.tensor([0.0 if stop else 1.0, 0.0 if due else 1.0])  # (2,) 0 = requested
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        flags = torch.cat([ok.float().reshape(1), host.to(self.device, non_blocking=True)])  # (3,)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        finite, go_on, not_due = flags.tolist()
+        self._agreed = (go_on == 0.0, not_due == 0.0)
+        return finite == 1.0
+
+    def _requests(self) -> tuple[bool, bool]:
+        return self._agreed
 
     def _count_nonfinite(self, value: float) -> None:
         """After a step was skipped (self.skipped_steps counts it): warn, or stop past the limit."""
         self.nonfinite_in_a_row += 1
         limit = self.cfg.engine.max_nonfinite_steps
         if self.is_main:
-            print(f"warning: non-finite loss ({value} on rank {self.rank}, or on another rank) at step "
-                  f"{self.step + 1}: skipped ({self.nonfinite_in_a_row} in a row, limit "
-                  f"engine.max_nonfinite_steps={limit})", flush=True)
+            log.warning(f"non-finite loss ({value} on rank {self.rank}, or on another rank) at step "
+                        f"{self.step + 1}: skipped ({self.nonfinite_in_a_row} in a row, limit "
+                        f"engine.max_nonfinite_steps={limit})")
         if self.nonfinite_in_a_row >= limit:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1} "
@@ -579,14 +623,15 @@ class DeepSpeedTrainer(Trainer):
         box = [str(tmp)]
         dist.broadcast_object_list(box, src=0)
         tmp = Path(box[0])
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        mine = {"rng": rng_state()}
-        if isinstance(self.teacher, ShardedEMATeacher):
-            mine["teacher_shards"] = self.teacher.state_dict()
-        with open(tmp / f"rank_{self.rank:05d}.pt", "wb") as f:
-            torch.save(mine, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with checkpoint_write_guard(self.out_dir, self.step, tmp, cleanup=self.is_main):
+            self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            mine = {"rng": rng_state()}
+            if isinstance(self.teacher, ShardedEMATeacher):
+                mine["teacher_shards"] = self.teacher.state_dict()
+            with open(tmp / f"rank_{self.rank:05d}.pt", "wb") as f:
+                torch.save(mine, f)
+                f.flush()
+                os.fsync(f.fileno())
         dist.barrier()
         final = tmp
         if self.is_main:
@@ -604,6 +649,7 @@ class DeepSpeedTrainer(Trainer):
     def _restore(self, path) -> None:
         state, saved_cfg, ck = load_checkpoint(path)
         check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
+        check_schedule_change(saved_cfg, self.cfg, int(state["step"]), ck)
         if state.get("engine") != "deepspeed":
             raise ValueError(f"{ck} is a single-process checkpoint; resume it with engine.name=single")
         stage, saved_ws = state["zero_stage"], state["world_size"]

@@ -15,9 +15,11 @@ hot loop: metrics are read only on log steps).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +27,24 @@ import torch
 from tqdm import tqdm
 
 from d2v import ops
-from d2v.checkpoint import checkpoint_root, load_checkpoint, resolve_checkpoint, save_checkpoint
+from d2v.checkpoint import (
+    check_writable,
+    checkpoint_root,
+    clean_debris,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from d2v.config import Config, ConfigError, EngineConfig, check_resume_config
 from d2v.ema import EMATeacher
+from d2v.log import add_run_log, get_logger, remove_run_log
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from d2v.model import STAT_KEYS
+from d2v.preempt import StopRequest
 from d2v.registry import build_model
+from d2v.runlock import RunLock
+
+log = get_logger(__name__)
 
 
 def _latest_or_none(out_dir: Path):
@@ -61,6 +75,36 @@ def lr_at(step: int, cfg) -> float:
     span = max(total - o.warmup_steps, 1)
     progress = min((step - o.warmup_steps) / span, 1.0)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def shutdown_workers(it) -> None:
+    """Stop a DataLoader iterator's worker processes now. They ignore SIGTERM (d2v/preempt.py), so they
+    must be told to exit: left to interpreter exit, multiprocessing would SIGTERM them and wait forever."""
+    stop = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator; absent without workers
+    if stop is not None:
+        stop()
+
+
+def check_schedule_change(saved_cfg: dict, cfg: Config, step: int, ck) -> None:
+    """On resume: refuse (or, with train.allow_schedule_change, warn about) a train.max_steps that moves
+    the learning rate at the resume step. lr_at is a function of max_steps, so a longer run re-stretches
+    the cosine: resuming a finished 20-step run at max_steps=40 jumps from the cosine's floor back to
+    about half the peak."""
+    old_max = int(saved_cfg.get("train", {}).get("max_steps", cfg.train.max_steps))
+    if old_max == cfg.train.max_steps:
+        return
+    old_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=old_max))
+    old, new = lr_at(step, old_cfg), lr_at(step, cfg)
+    if math.isclose(old, new, rel_tol=1e-9, abs_tol=1e-15):  # e.g. still in the warmup
+        return
+    msg = (f"train.max_steps {old_max} -> {cfg.train.max_steps} changes the learning rate at the resume step "
+           f"{step} from {old:.3g} to {new:.3g} (the cosine decays to optim.min_lr over train.max_steps, so a "
+           f"new length re-stretches it: the lr jumps {'up' if new > old else 'down'}, then follows the new "
+           f"cosine)")
+    if not cfg.train.allow_schedule_change:
+        raise ConfigError(f"cannot resume from {ck}: {msg}; pass train.allow_schedule_change=true to accept "
+                          f"that, or start a new train.out_dir with the longer schedule")
+    log.warning(msg)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool) -> list[dict]:
@@ -144,6 +188,9 @@ def refuse_deepspeed_only_keys(cfg: Config) -> None:
                           f"process works too) or launch with deepspeed/torchrun (engine.name=auto)")
 
 
+_HELD_HERE: dict = {}  # run folder -> the RunLock a trainer of this process holds there
+
+
 class Trainer:
     rank, world_size = 0, 1
     deepspeed = False  # DeepSpeedTrainer: True
@@ -160,6 +207,45 @@ class Trainer:
                              "single-process trainer supports fp32 and bf16")
         if not self.deepspeed:
             refuse_deepspeed_only_keys(cfg)
+        created = not self.out_dir.exists()
+        self._claim_run_folder()
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.release()
+            if created and self.is_main and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()  # a run that failed to start leaves no empty folder behind
+            raise
+
+    def _claim_run_folder(self) -> None:
+        """Rank 0: the run folder is writable (else one line naming it), locked for this run (a second
+        run there is refused with the holder's PID and host), and rid of what killed checkpoint writes
+        left (temp and half-pruned folders), before anything resolves a checkpoint there."""
+        self._lock = None
+        if self.is_main:
+            check_writable(self.out_dir)
+            key = str(self.out_dir.resolve())
+            older = _HELD_HERE.pop(key, None)
+            if older is not None:  # an earlier trainer of this process on this folder (never trained, or
+                older.release()    # done): one process runs one loop at a time, so the newer one takes over
+            self._lock = _HELD_HERE[key] = RunLock(self.out_dir).acquire()
+            weakref.finalize(self, self._lock.release)  # a trainer dropped without train() or release()
+            try:
+                clean_debris(self.out_dir)
+            except BaseException:
+                self.release()
+                raise
+        self._barrier()
+
+    def _barrier(self) -> None:
+        """All ranks wait here (one process: nothing to wait for)."""
+
+    def release(self) -> None:
+        """Give the run folder's lock back (train() does at its end; idempotent)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+
+    def _setup(self, cfg: Config, resume) -> None:
         resume_dir = resume if resume and resume is not True else None  # --resume DIR
         existing = _latest_or_none(self.out_dir) if resume_dir is None else None
         if not resume and existing is not None:  # checked before any model is built
@@ -189,7 +275,8 @@ class Trainer:
         self.source_key = SOURCE_KEY[self.cfg.model.modality]
         self.dataset, self.loader = build_pretrain_data(self.cfg, start_step=self.data_position(),
                                                         rank=self.rank, world_size=self.world_size,
-                                                        pin_memory=self.device.type == "cuda")
+                                                        pin_memory=self.device.type == "cuda",
+                                                        resumed=self.resumed_from is not None)
         self.bad_files = {p for p, _ in getattr(self.dataset, "bad_files", [])}
 
     # --------------------------------------------------------------------------------- engine hooks
@@ -268,6 +355,7 @@ class Trainer:
                              f"resume it with engine.name=deepspeed (as many ranks; ZeRO-0 on any number), "
                              f"or run `d2v export --checkpoint {ck} --out FILE.pt` for plain torch weights")
         check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
+        check_schedule_change(saved_cfg, self.cfg, int(state["step"]), ck)
         self.model.load_state_dict(state["model"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -281,10 +369,6 @@ class Trainer:
         cfg, n = self.cfg, sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         table = ops.backend()
         ops_line = ", ".join(f"{k}={v['impl']}/{v['variant']}" for k, v in table.items())
-        reasons: dict[str, list[str]] = {}  # each distinct reason once, with the ops it explains
-        for k, v in table.items():
-            reasons.setdefault(v["reason"], []).append(k)
-        why = "\n".join(f"    {', '.join(names)}: {r}" for r, names in reasons.items())
         lines = [
             f"d2v pretrain | {cfg.model.modality}/{cfg.model.flavor} | {n / 1e6:.2f}M student params | "
             f"device {self.device} | precision {cfg.train.precision} | threads {torch.get_num_threads()}",
@@ -292,7 +376,7 @@ class Trainer:
             f"({len(self.bad_files)} unreadable skipped) | batch {cfg.train.batch_size} x "
             f"{cfg.masking.clone_batch} clones | steps {self.step}->{cfg.train.max_steps}",
             f"  step: {step_mode(cfg)}",
-            f"  ops: {ops_line}\n{why}",
+            f"  ops: {ops_line} (why: train.log, or d2v.ops.backend())",
             f"  out: {self.out_dir}" + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""),
         ]
         return "\n".join(lines)
@@ -301,45 +385,71 @@ class Trainer:
         return str(getattr(self.dataset, "root", self.cfg.data.path))
 
     def train(self) -> dict:
+        """Run to train.max_steps, or until a SIGTERM/SIGINT: then the current step finishes, a
+        checkpoint is written and the summary's "stopped_by" names the signal."""
+        run_log = add_run_log(self.out_dir) if self.is_main else None
+        try:
+            if self.is_main:
+                log.info(self.banner())
+                log.debug("ops: " + "; ".join(f"{k}: {v['reason']}" for k, v in ops.backend().items()))
+            with StopRequest("the current step") as stop:
+                self._stop = stop
+                return self._loop()
+        finally:
+            remove_run_log(run_log)
+            self.release()
+
+    def _loop(self) -> dict:
         cfg = self.cfg
-        if self.is_main:
-            print(self.banner(), flush=True)
         logger = (MetricsLogger(self.out_dir, resume_step=self.step, tensorboard=cfg.train.tensorboard)
                   if self.is_main else None)
         start_step, t_start = self.step, time.time()
         t_log, n_log = time.time(), 0
-        last, ckpt = {}, None
+        last, ckpt, stopped_by = {}, None, None
+        saved_step = self.step if self.resumed_from is not None else None
+        self._last_ckpt_t = time.monotonic()
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress, mininterval=1.0,
                    desc="pretrain", unit="step", dynamic_ncols=True)
         it = iter(self.loader)
         self.model.train()
-        while self.step < cfg.train.max_steps:
-            out, gnorm, lr, n = self._train_step(it)
-            if out is None:  # skipped (non-finite loss): no update, no EMA step, no log
-                continue
-            self.step += 1
-            decay = self.teacher.update(self.step)
-            n_log += n
-            bar.update(1)
-
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                # sync point: the only host reads of device values in the loop
-                last = self._reduce_stats({k: float(out[k].detach()) for k in STAT_KEYS})
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"non-finite loss {last['loss']} at step {self.step}; "
-                                             f"last checkpoint: {ckpt or 'none'}")
-                now = time.time()
-                last.update(step=self.step, lr=lr, ema_decay=decay,
-                            grad_norm=float(gnorm) if gnorm is not None else None,
-                            samples_per_s=n_log / max(now - t_log, 1e-9), elapsed_s=now - t_start)
-                t_log, n_log = now, 0
-                if logger is not None:
-                    logger.log(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tvar=f"{last['target_var']:.2f}",
-                                smp_s=f"{last['samples_per_s']:.0f}")
-                self._collapse_guard(last)
-            if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps:
-                ckpt = self.save()
+        try:
+            while self.step < cfg.train.max_steps:
+                out, gnorm, lr, n = self._train_step(it)
+                stop_now, time_due = self._requests()
+                periodic = False
+                if out is not None:  # None: skipped (non-finite loss): no update, no EMA step, no log
+                    self.step += 1
+                    decay = self.teacher.update(self.step)
+                    n_log += n
+                    bar.update(1)
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                        # sync point: the only host reads of device values in the loop
+                        last = self._reduce_stats({k: float(out[k].detach()) for k in STAT_KEYS})
+                        if not math.isfinite(last["loss"]):
+                            raise FloatingPointError(f"non-finite loss {last['loss']} at step {self.step}; "
+                                                     f"last checkpoint: {ckpt or 'none'}")
+                        now = time.time()
+                        last.update(step=self.step, lr=lr, ema_decay=decay,
+                                    grad_norm=float(gnorm) if gnorm is not None else None,
+                                    samples_per_s=n_log / max(now - t_log, 1e-9), elapsed_s=now - t_start)
+                        t_log, n_log = now, 0
+                        if logger is not None:
+                            logger.log(last)
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tvar=f"{last['target_var']:.2f}",
+                                        smp_s=f"{last['samples_per_s']:.0f}")
+                        self._collapse_guard(last)
+                    periodic = self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.max_steps
+                if (periodic or time_due or stop_now) and self.step != saved_step:
+                    ckpt, saved_step = self.save(), self.step
+                    self._last_ckpt_t = time.monotonic()
+                    if time_due and not periodic and self.is_main:
+                        log.debug(f"checkpoint at step {self.step}: train.ckpt_every_minutes="
+                                  f"{cfg.train.ckpt_every_minutes} passed")
+                if stop_now:
+                    stopped_by = self._stop.signal_name or "a signal to another rank"
+                    break
+        finally:
+            shutdown_workers(it)
         bar.close()
         wall = time.time() - t_start
         metrics_csv, png = self.out_dir / "metrics.csv", None
@@ -359,7 +469,22 @@ class Trainer:
             "metrics_csv": str(metrics_csv), "loss_curve": str(png) if png else None,
             "unreadable_files": sorted(self.bad_files),
             "skipped_steps": self.skipped_steps,
+            "stopped_by": stopped_by,
         }
+
+    # --------------------------------------------------------------------------------- stop requests
+    _stop: StopRequest | None = None
+    _last_ckpt_t = 0.0
+
+    def _local_requests(self) -> tuple[bool, bool]:
+        """(a stop signal arrived here, train.ckpt_every_minutes passed since the last checkpoint)."""
+        minutes = self.cfg.train.ckpt_every_minutes
+        due = minutes > 0 and time.monotonic() - self._last_ckpt_t >= 60.0 * minutes
+        return self._stop is not None and self._stop.requested, due
+
+    def _requests(self) -> tuple[bool, bool]:
+        """(stop, checkpoint now) after a step, the same on every rank; one process: its own."""
+        return self._local_requests()
 
     def _collapse_guard(self, m: dict) -> None:
         o = self.cfg.objective

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tests.conftest import micro_overrides
@@ -33,7 +34,7 @@ def test_pretrain_then_probe_on_embedded_digits(tmp_path):
     r = d2v("pretrain", "--config", TINY, "--no-progress", *micro_overrides(out, steps=4),
             "train.probe_after=true")
     assert r.returncode == 0, r.stderr
-    assert "d2v pretrain | image/tiny" in r.stdout and "done: 4 steps" in r.stdout
+    assert "d2v pretrain | image/tiny" in r.stderr and "done: 4 steps" in r.stdout  # banner: stderr
     assert "linear probe" in r.stdout and "random_init" in r.stdout
     res = json.loads((out / "probe.json").read_text())
     assert res["n_train"] == 1000 and res["n_test"] == 797 and res["step"] == 4
@@ -62,7 +63,7 @@ def test_pretrain_on_user_folder_with_corrupt_file_then_probe_and_export(tmp_pat
     r = d2v("pretrain", "--config", TINY, "--no-progress",
             *micro_overrides(out, steps=3, **{"data.path": str(data), "train.batch_size": 4}))
     assert r.returncode == 0, r.stderr
-    assert "20 samples" in r.stdout
+    assert "20 samples" in r.stderr
     assert "broken.jpg" in r.stdout + r.stderr  # reported by path
     assert "skipped 1 unreadable" in r.stdout
 
@@ -121,10 +122,64 @@ def test_unlabelled_folder_pretrains_and_skips_probe_with_a_note(tmp_path):
 
 def test_main_script_passes_overrides_before_resume():
     """scripts/main.sh forwards its arguments as overrides; --resume (optional folder) goes last."""
-    from d2v.cli import build_parser
+    from d2v.cli import parse_args
 
     line = next(x for x in (ROOT / "scripts" / "main.sh").read_text().splitlines() if x.startswith("exec "))
     argv = line.split("d2v ", 1)[1].replace('"$@"', "train.max_steps=300 data.path=/my/images").split()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     assert args.command == "pretrain" and args.resume is True
     assert args.overrides == ["train.max_steps=300", "data.path=/my/images"]
+
+
+def test_options_and_overrides_in_any_order():
+    """argparse's nargs='*' took only the first run of positionals: `--no-probe` between overrides
+    failed with 'unrecognized arguments'."""
+    from d2v.cli import parse_args
+
+    args = parse_args(["pretrain", "--config", "tiny_image", "data.path=/d", "--no-probe", "train.max_steps=10",
+                       "--quiet", "train.seed=3"])
+    assert args.overrides == ["data.path=/d", "train.max_steps=10", "train.seed=3"]
+    assert args.no_probe and args.quiet and args.resume is None
+    # --resume takes an optional folder: a key=value right after it is an override, not the folder
+    args = parse_args(["pretrain", "--config", "tiny_image", "--resume", "train.max_steps=10", "--no-probe"])
+    assert args.resume is True and args.overrides == ["train.max_steps=10"]
+    args = parse_args(["-q", "config", "--config", "tiny_text", "model.depth=2"])
+    assert args.command == "config" and args.quiet and args.overrides == ["model.depth=2"]
+
+
+def test_version_and_config_commands(tmp_path):
+    r = d2v("--version", timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("d2v 0.") and "torch" in r.stdout, r.stderr
+    r = d2v("config", "--config", "tiny_text", "train.max_steps=7", "--quiet", "optim.lr=1e-3", timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)  # the resolved config, from a recipe name
+    assert cfg["model"]["modality"] == "text" and cfg["train"]["max_steps"] == 7
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["model"]["vocab_size"] > 0
+    r = d2v("config", "--config", "tiny_text", "model.depth=0", timeout=120)
+    assert r.returncode == 2 and "model.depth" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_export_into_missing_folder_and_second_run_on_a_locked_folder(tmp_path):
+    from d2v.runlock import RunLock
+
+    out = tmp_path / "run"
+    r = d2v("pretrain", "--config", TINY, "--no-progress", *micro_overrides(out, steps=2))
+    assert r.returncode == 0, r.stderr
+    assert (out / "train.log").is_file() and "d2v pretrain | image/tiny" in (out / "train.log").read_text()
+    assert not (out / ".d2v.lock").exists(), "the lock is released at the end"
+    e = d2v("export", "--checkpoint", str(out), "--out", str(tmp_path / "nope" / "w.pt"))
+    assert e.returncode == 2 and "does not exist" in e.stderr and "Traceback" not in e.stderr
+    with RunLock(out):  # a live holder (this process): a second run there is refused, naming it
+        r = d2v("pretrain", "--config", TINY, "--no-progress", *micro_overrides(out, steps=4), "--resume",
+                "train.allow_schedule_change=true")
+    assert r.returncode == 2 and f"pid {os.getpid()}".lower() in r.stderr.lower(), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_quiet_keeps_results_and_drops_the_banner(tmp_path):
+    out = tmp_path / "run"
+    r = d2v("pretrain", "--config", TINY, "--quiet", *micro_overrides(out, steps=1))
+    assert r.returncode == 0, r.stderr
+    assert "done: 1 steps" in r.stdout and "d2v pretrain |" not in r.stderr + r.stdout
+    assert "d2v pretrain |" in (out / "train.log").read_text()  # the run log has everything

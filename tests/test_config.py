@@ -203,7 +203,7 @@ KINDS = {
     "ema.ema_start": "[0,1]", "ema.ema_end": "[0,1]", "ema.anneal_end_step": ">=0",
     "optim.lr": ">0", "optim.betas": "[0,1)", "optim.eps": ">0", "optim.weight_decay": ">=0",
     "optim.warmup_steps": ">=0", "optim.min_lr": ">=0", "optim.clip_norm": ">=0",
-    "train.seed": ">=0", "train.num_threads": ">=0",
+    "train.seed": ">=0", "train.num_threads": ">=0", "train.ckpt_every_minutes": ">=0", "engine.timeout_minutes": ">0",
     "data.crop_scale": "(0,1]", "data.crop_ratio": ">0", "data.mean": "any", "data.std": ">0",
     "data.sample_rate": ">=1000", "data.tokens_per_sample": ">=2", "data.num_workers": ">=0",
     "probe.seed": ">=0", "engine.zero_stage": "{0,1,2,3}",

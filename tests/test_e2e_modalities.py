@@ -90,8 +90,8 @@ def test_audio_folder_pretrain_probe_export(tmp_path):
     r = d2v("pretrain", "--config", str(CONFIGS / "tiny_audio.yaml"), "--no-progress",
             *overrides("audio", out, 3, **{"data.path": data}))
     assert r.returncode == 0, r.stderr
-    assert "d2v pretrain | audio/tiny" in r.stdout and "done: 3 steps" in r.stdout
-    assert "16 samples" in r.stdout and "2 unreadable skipped" in r.stdout
+    assert "d2v pretrain | audio/tiny" in r.stderr and "done: 3 steps" in r.stdout
+    assert "16 samples" in r.stderr and "2 unreadable skipped" in r.stderr
     assert "corrupt.wav" in r.stderr and "tiny.wav" in r.stderr  # reported by path
     p = d2v("probe", "--checkpoint", str(out), "--json")
     assert p.returncode == 0, p.stderr
@@ -113,7 +113,7 @@ def test_text_folder_pretrain_probe_and_bad_files(tmp_path):
     r = d2v("pretrain", "--config", str(CONFIGS / "tiny_text.yaml"), "--no-progress",
             *overrides("text", out, 3, **{"data.path": data}))
     assert r.returncode == 0, r.stderr
-    assert "d2v pretrain | text/tiny" in r.stdout and "done: 3 steps" in r.stdout
+    assert "d2v pretrain | text/tiny" in r.stderr and "done: 3 steps" in r.stdout
     assert "latin1.txt" in r.stderr and "empty.txt" in r.stderr  # reported by path, skipped
     assert (out / "tokenizer.json").is_file()
     p = d2v("probe", "--checkpoint", str(out), "--json")
@@ -179,7 +179,7 @@ def test_embedded_speech_pretrain_and_both_probes(tmp_path):
     r = d2v("pretrain", "--config", str(CONFIGS / "tiny_audio.yaml"), "--no-progress",
             *overrides("audio", out, 3, **{"train.probe_after": True, "train.batch_size": 8}))
     assert r.returncode == 0, r.stderr
-    assert "1280 samples" in r.stdout  # 64 training voices x 20 words
+    assert "1280 samples" in r.stderr  # 64 training voices x 20 words
     res = json.loads((out / "probe.json").read_text())
     assert set(res["tasks"]) == {"word", "speaker"}
     assert res["tasks"]["word"]["classes"] == 20 and res["tasks"]["word"]["n_test"] == 320

@@ -55,7 +55,8 @@ def test_launcher_two_processes(tmp_path, launcher):
     if launcher == "torchrun":  # the run (engine.name auto) resumes with engine.name=deepspeed named
         more = [o for o in overrides if not o.startswith("train.max_steps=")]
         cmd = [*start, "pretrain", "--config", str(ROOT / "configs" / "tiny_image.yaml"), *more,
-               "train.max_steps=6", "engine.name=deepspeed", "--no-probe", "--no-progress", "--resume"]
+               "train.max_steps=6", "train.allow_schedule_change=true", "engine.name=deepspeed", "--no-probe",
+               "--no-progress", "--resume"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
         log = res.stdout + res.stderr
         assert res.returncode == 0, log[-4000:]

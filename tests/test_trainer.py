@@ -137,8 +137,8 @@ def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
     assert done.step == 3 and summary["steps_this_run"] == 0
     assert summary["final"]["step"] == 3 and summary["final"]["loss"] > 0  # last logged metrics
     assert summary["skipped_steps"] == 0
-    longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3}), resume=True,
-                     progress=False)  # max_steps may change
+    longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3, "train.allow_schedule_change": True}),
+                     resume=True, progress=False)  # max_steps may change
     assert longer.step == 3
     with pytest.raises(ValueError, match="config differs in optim.lr"):
         Trainer(micro(tmp_path, steps=3, **{"optim.lr": 0.5}), resume=True, progress=False)
@@ -193,10 +193,11 @@ def test_resume_falls_back_to_a_complete_checkpoint_or_refuses(tmp_path):
         resumed = Trainer(cfg, resume=True, progress=False)
     assert resumed.step == 3 and resumed.resumed_from.name == "step_00000003"
     (root / "step_00000003" / "state.pt").unlink()  # nothing complete left: never start over silently
-    for resume in (True, None):
-        with pytest.raises(FileNotFoundError, match=r"checkpoints holds step_00000003, step_00000006 but no "
+    for resume in (True, None):  # step_3 is now debris (removed at start); the one `latest` names stays
+        with pytest.raises(FileNotFoundError, match=r"checkpoints holds step_00000006 but no "
                                                     r"complete checkpoint.*refusing to start over"):
             Trainer(cfg, resume=resume, progress=False)
+        assert not (root / "step_00000003").exists() and (root / "step_00000006").is_dir()
 
 
 def test_single_process_trainer_refuses_a_deepspeed_checkpoint(tmp_path):

@@ -107,9 +107,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
             step += 1
 
 
-def _limit_worker_threads(worker_id: int) -> None:
-    """DataLoader worker_init_fn: one intra-op thread per worker (workers already parallelize)."""
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: one intra-op thread per worker (workers already parallelize); SIGTERM
+    and SIGINT are left to the main process, which finishes its step and checkpoints (d2v/preempt.py)."""
+    from d2v.preempt import ignore_stop_signals
+
     torch.set_num_threads(1)
+    ignore_stop_signals()
 
 
 def build_loader(
@@ -142,7 +146,7 @@ def build_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        worker_init_fn=_limit_worker_threads if num_workers > 0 else None,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
         pin_memory=pin_memory,
         # the loader's own generator: creating an iterator must not draw from the global torch RNG,
         # or a resumed run (which restores that RNG) would diverge from an uninterrupted one
