@@ -4,7 +4,7 @@
 Legend: B rows, N tokens in the row (CLS + kept tokens), D width, H heads.
 
 References: fairseq examples/data2vec/models/modalities/modules.py (AltBlock, AltAttention,
-BlockEncoder); ../shared/spec/data2vec2.md §2, §4.1.
+BlockEncoder).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ it shares with the student: `Data2Vec2.strip_to_teacher`) whose fp32 parameters 
 theta_t <- d * theta_t + (1 - d) * theta_s after every optimizer step, with d ramped linearly.
 
 References: fairseq examples/data2vec/models/data2vec2.py (make_ema_teacher, set_num_updates),
-modalities/base.py (get_annealed_rate), fairseq/modules/ema_module.py; ../shared/spec/data2vec2.md §5.
+modalities/base.py (get_annealed_rate), fairseq/modules/ema_module.py.
 """
 from __future__ import annotations
 

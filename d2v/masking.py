@@ -6,7 +6,7 @@ every row of a mask has exactly the same number of masked positions, so kept tok
 gathered into a dense (B, K, D) tensor.
 
 References: fairseq data_utils.compute_block_mask_2d / compute_block_mask_1d,
-modalities/base.py random_masking and make_maskinfo (behaviour from ../shared/spec/data2vec2.md §3).
+modalities/base.py random_masking and make_maskinfo (the reference's behaviour).
 """
 from __future__ import annotations
 

@@ -9,8 +9,7 @@ regression. Model code knows nothing of optimizers, logging or checkpoints.
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept, N = T - K masked per row,
 E extra (CLS) tokens, D width.
 
-References: fairseq examples/data2vec/models/data2vec2.py (forward, make_targets, d2v_loss);
-../shared/spec/data2vec2.md §1, §2, §9.
+References: fairseq examples/data2vec/models/data2vec2.py (forward, make_targets, d2v_loss).
 """
 from __future__ import annotations
 

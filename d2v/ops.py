@@ -23,7 +23,7 @@ the ops trace under `torch.compile` as single opaque nodes.
 
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept tokens, N masked tokens, D width.
 
-References: DESIGN.md "Stable public API"; ../shared/STYLE.md §8.7; ../shared/spec/anchors.md §1.4, §5.4.
+The public names here are stable API (README: Using d2v from other projects).
 """
 from __future__ import annotations
 

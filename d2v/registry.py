@@ -1,7 +1,7 @@
 """Registered model flavors: named architecture presets for `model.flavor`.
 
 A flavor fixes the architecture fields of ModelConfig; recipe keys under `model:` override them.
-Values for base/large come from ../shared/spec/data2vec2.md §0, §4.2-4.4 and §6.2. The other config
+Values for base/large are the reference's (fairseq data2vec 2.0 v2 task configs). The other config
 sections get per-modality defaults (`modality_defaults`), so `model: {modality: audio}` alone gives
 the reference's audio masking, targets, EMA and optimizer settings.
 

@@ -2,9 +2,8 @@
 
 Kernels are defined lazily (first call of each module's `_kernels()`), so `TRITON_INTERPRET=1` set by a
 test's conftest.py or a benchmark before the first launch is honoured: Triton reads it when a
-`@triton.jit` function is defined (../shared/ENV.md).
+`@triton.jit` function is defined.
 
-References: ../shared/ENV.md "Triton on CPU".
 """
 from __future__ import annotations
 

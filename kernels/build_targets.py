@@ -3,8 +3,7 @@ then an optional final norm. All statistics in fp32; output fp32.
 
 Legend: B samples, T tokens (CLS already stripped), D width, K layers.
 
-References: fairseq examples/data2vec/models/data2vec2.py make_targets
-(../shared/spec/data2vec2.md §2).
+References: fairseq examples/data2vec/models/data2vec2.py make_targets.
 """
 from __future__ import annotations
 

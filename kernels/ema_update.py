@@ -9,7 +9,7 @@ drives the grid; tensor addresses live in an int64 table the kernel casts to poi
 per-tensor launch and no flat copy. Tables are cached per list of addresses (parameters do not move).
 
 References: fairseq fairseq/modules/ema_module.py (per-parameter loop); timm ModelEmaV3 (foreach lerp);
-NVIDIA/apex multi_tensor_apply (chunked multi-tensor launches); ../shared/spec/anchors.md §5.4.
+NVIDIA/apex multi_tensor_apply (chunked multi-tensor launches).
 """
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ gradients of repeated positions instead.
 
 Legend: B rows, T tokens, K kept (or masked) tokens, D width, R = B * clones rows.
 
-References: fairseq examples/data2vec/models/modalities/base.py (gather_unmasked, decoder_input);
-../shared/spec/anchors.md §1.3-1.4.
+References: fairseq examples/data2vec/models/modalities/base.py (gather_unmasked, decoder_input).
 """
 from __future__ import annotations
 

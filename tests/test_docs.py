@@ -7,6 +7,8 @@ import dataclasses
 import typing
 from pathlib import Path
 
+import pytest
+
 from d2v.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,3 +34,17 @@ def test_readme_starts_with_main_and_test_commands_and_ci_runs_the_tests():
     block = lines[lines.index("```bash") + 1:lines.index("```")]
     assert [ln.split("#")[0].strip() for ln in block] == ["bash scripts/main.sh", "bash scripts/test.sh"]
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_shipped_files_cite_no_private_paths():
+    """Users get the package, README and docs, not the developers' notes: nothing shipped points at them."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "d2v", "kernels", "docs", "README.md"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    bad = [f for f in files if (ROOT / f).is_file() and not (ROOT / f).is_symlink()
+           and f.endswith((".py", ".md", ".yaml", ".cpp", ".h", ".cu"))
+           and "../shared/" in (ROOT / f).read_text(errors="replace")]
+    assert not bad, bad

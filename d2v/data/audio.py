@@ -28,7 +28,7 @@ its window).
 
 References: fairseq/data/audio/raw_audio_dataset.py (postprocess layer_norm, crop_to_max_size,
 collater), fairseq/data/data_utils.py compute_block_mask_1d, fairseq bucket_pad_length_dataset
-(length buckets). Behaviour from ../shared/spec/data2vec2.md §3.4, §4.3.
+(length buckets).
 """
 from __future__ import annotations
 

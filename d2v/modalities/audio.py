@@ -10,8 +10,7 @@ its own EMA positional encoder, ALiBi scale and input LN (spec §5). ALiBi is bu
 positions only: the student's bias is (R, H, K, K), never (R, H, T, T).
 
 References: fairseq examples/data2vec/models/modalities/audio.py, base.py (get_alibi,
-get_alibi_bias, masked_alibi), fairseq/models/wav2vec/wav2vec2.py (ConvFeatureExtractionModel);
-../shared/spec/data2vec2.md §3.2, §4.3, §9 (pitfalls 6, 10, 22).
+get_alibi_bias, masked_alibi), fairseq/models/wav2vec/wav2vec2.py (ConvFeatureExtractionModel).
 """
 from __future__ import annotations
 

@@ -3,8 +3,7 @@ followed by a projection back to the encoder width. 1-D for audio and text, 2-D 
 
 Legend: R rows (samples x clones), T tokens, D encoder width, C decoder channels.
 
-References: fairseq examples/data2vec/models/modalities/modules.py (Decoder1d, Decoder2d);
-../shared/spec/data2vec2.md §4.2-4.4.
+References: fairseq examples/data2vec/models/modalities/modules.py (Decoder1d, Decoder2d).
 """
 from __future__ import annotations
 

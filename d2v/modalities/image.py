@@ -8,7 +8,7 @@ Module names follow the reference checkpoint (modality_encoders.IMAGE.*), so tha
 import/export is a prefix table (see d2v.model.REFERENCE_KEY_PREFIXES).
 
 References: fairseq examples/data2vec/models/modalities/images.py, modules.py (Decoder2d),
-models/mae.py (get_2d_sincos_pos_embed); ../shared/spec/data2vec2.md §4.2.
+models/mae.py (get_2d_sincos_pos_embed).
 """
 from __future__ import annotations
 

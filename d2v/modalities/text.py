@@ -8,7 +8,7 @@ student's embedding output (train-mode dropout included) through the student's c
 (spec §5, pitfall 10).
 
 References: fairseq examples/data2vec/models/modalities/text.py, fairseq
-modules/learned_positional_embedding.py; ../shared/spec/data2vec2.md §3.5, §4.4.
+modules/learned_positional_embedding.py.
 """
 from __future__ import annotations
 
