@@ -256,3 +256,58 @@ def test_every_numeric_key_rejects_bad_values(key, override, named):
         load_config(CONFIGS / "tiny_image.yaml", [override])
     lines = [s.strip().removeprefix(f"{CONFIGS / 'tiny_image.yaml'}: ") for s in str(e.value).splitlines()]
     assert any(s.startswith(named) and s[len(named)] in " :" for s in lines), (override, str(e.value))
+
+
+# ---- hypothesis: invalid values drawn from each key's complement ------------------------------------------------
+
+def _invalid(kind: str):
+    """A hypothesis strategy of values outside a kind's valid set (numbers, and things that are not)."""
+    from hypothesis import strategies as st
+
+    nums = st.floats(allow_nan=False, allow_infinity=False, width=32)
+    ints = st.integers(min_value=-10**6, max_value=10**6)
+    bounds = {">=1": 1, ">=0": 0, ">=2": 2, ">=8": 8, ">=1000": 1000}
+    if kind in bounds:
+        bad = ints.filter(lambda v: v < bounds[kind])
+    elif kind == ">0":
+        bad = nums.filter(lambda v: v <= 0)
+    elif kind == "[0,1)":
+        bad = nums.filter(lambda v: v < 0 or v >= 1)
+    elif kind == "(0,1)":
+        bad = nums.filter(lambda v: v <= 0 or v >= 1)
+    elif kind == "[0,1]":
+        bad = nums.filter(lambda v: v < 0 or v > 1)
+    elif kind == "(0,1]":
+        bad = nums.filter(lambda v: v <= 0 or v > 1)
+    elif kind == "odd":
+        bad = ints.filter(lambda v: v < 1 or v % 2 == 0)
+    elif kind == "{1,2}":
+        bad = ints.filter(lambda v: v not in (1, 2))
+    elif kind == "{0,1,2,3}":
+        bad = ints.filter(lambda v: v not in (0, 1, 2, 3))
+    else:
+        bad = st.nothing()
+    words = st.text(alphabet="abcxyz_", min_size=1, max_size=6)  # YAML reads these as strings
+    return st.one_of(bad.map(repr), words)
+
+
+def test_hypothesis_invalid_values_give_a_config_error_naming_the_key():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    keys = [(k, n) for k, n in NUMERIC_KEYS if KINDS.get(k, ">=1") != "any"]
+
+    cases = st.sampled_from(keys).flatmap(
+        lambda kn: st.tuples(st.just(kn), _invalid(KINDS.get(kn[0], ">=1"))))
+
+    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+    @hypothesis.given(cases)
+    def check(case):
+        (key, n), value = case
+        override = f"{key}={value}" if n is None else f"{key}=[{', '.join([value] + ['0.5'] * (n - 1))}]"
+        named = key if n is None else f"{key}[0]"
+        with pytest.raises(ConfigError) as e:
+            load_config(CONFIGS / "tiny_image.yaml", [override])
+        assert named in str(e.value), (override, str(e.value))
+
+    check()
