@@ -686,13 +686,12 @@ def _one_rank_resume(rank, port, root):
     from d2v.engine import DeepSpeedTrainer
 
     root, rec = Path(root), {}
+    longer = {"train.max_steps": STEPS + 2, "train.allow_schedule_change": True}  # the lr jump is accepted
     try:
-        DeepSpeedTrainer(_cfg(root / "z1" / "a", 1, **{"train.max_steps": STEPS + 2}), resume=True,
-                         progress=False)
+        DeepSpeedTrainer(_cfg(root / "z1" / "a", 1, **longer), resume=True, progress=False)
     except ValueError as e:
         rec["z1_error"] = str(e)
-    tr = DeepSpeedTrainer(_cfg(root / "z0" / "a", 0, **{"train.max_steps": STEPS + 2}), resume=True,
-                          progress=False)
+    tr = DeepSpeedTrainer(_cfg(root / "z0" / "a", 0, **longer), resume=True, progress=False)
     rec["resumed_at"] = tr.step
     rec["teacher_err"] = max((v - tr.teacher.state_dict()[k]).abs().max().item()
                              for k, v in torch.load(root / "z0" / "full_a.pt")["teacher"].items())
