@@ -1,5 +1,6 @@
-"""Shared test setup: seeded tests, a per-session data cache, small-config helpers, and the fixtures
-that pick where the Triton kernels run (`triton_device`) and force a dispatch path (`impl`).
+"""Shared test setup: seeded tests, a per-session data cache, the fixtures that pick where the Triton
+kernels run (`triton_device`) and force a dispatch path (`impl`), and the records of the "d2v" logger
+(`d2v_log`). Helpers that test modules import live in tests/utils.py.
 
 Triton kernels run compiled on CUDA tensors when a GPU is visible, else in Triton's CPU interpreter on
 CPU tensors (TRITON_INTERPRET=1, set here by default when no GPU is visible): never the Triton path on
@@ -8,12 +9,15 @@ skip and say why; the torch-reference and dispatch tests still run.
 
 Run: .venv/bin/python -m pytest -q tests
 """
+import logging
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+from tests.utils import LogRecords
 
 # Triton kernels run in Triton's CPU interpreter when no GPU is visible: the variable must be set before
 # the first @triton.jit is defined (d2v.kernels defines them lazily, at first launch)
@@ -69,18 +73,21 @@ def impl(monkeypatch):
     ops._reset_backend()
 
 
-def micro_overrides(out_dir, steps=6, **extra):
-    """key=value overrides shrinking the tiny image recipe to a seconds-long run."""
-    d = {
-        "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2,
-        "model.decoder.dim": 32, "model.decoder.layers": 1, "model.decoder.groups": 4,
-        "objective.average_top_k_layers": 2, "masking.clone_batch": 2,
-        "train.batch_size": 8, "train.max_steps": steps, "train.log_every": 1, "train.ckpt_every": 3,
-        "train.out_dir": str(out_dir), "train.probe_after": False, "optim.warmup_steps": 2,
-        "ema.anneal_end_step": steps, "data.num_workers": 0,
-    }
-    d.update(extra)
-    return [f"{k}={v}" for k, v in d.items()]
+@pytest.fixture
+def d2v_log():
+    """The records logged under the "d2v" logger during the test, at DEBUG and up, whether or not the
+    CLI's `setup_logging` stopped propagation: a `tests.utils.LogRecords` (`.records`, iteration,
+    `.messages(level=logging.WARNING)`, `.text`, `.clear()`). The logger's level and handlers are
+    restored afterwards."""
+    cap, lg = LogRecords(), logging.getLogger("d2v")
+    level = lg.level
+    lg.addHandler(cap.handler)
+    lg.setLevel(logging.DEBUG)
+    try:
+        yield cap
+    finally:
+        lg.removeHandler(cap.handler)
+        lg.setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):

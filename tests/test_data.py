@@ -5,7 +5,6 @@ Run: cd /work/main && PYTHONPATH=/work/main .venv/bin/python -m pytest -q tests/
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from pathlib import Path
 
@@ -31,22 +30,6 @@ from d2v.data import (
 from d2v.data.files import DataDecodeError
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def d2v_log(caplog):
-    """caplog on the "d2v" logger (propagation forced on: the CLI's setup_logging turns it off)."""
-    lg = logging.getLogger("d2v")
-    old = lg.propagate
-    lg.propagate = True
-    caplog.set_level(logging.INFO, logger="d2v")
-    yield caplog
-    lg.propagate = old
-
-
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("d2v") and r.levelno == logging.WARNING]
 
 
 def _write_png(path: Path, size: tuple[int, int] = (20, 16), seed: int = 0) -> Path:
@@ -241,7 +224,7 @@ def test_corrupt_file_reported_and_skipped(tmp_path, d2v_log):
     bad = root / "a" / "bad.png"
     bad.write_bytes(b"this is not an image" * 10)
     ds = ImageFolderDataset(root, image_size=8)
-    msgs = _warnings(d2v_log)
+    msgs = d2v_log.messages()
     assert len(msgs) == 1 and "unreadable" in msgs[0] and "bad.png" in msgs[0]
     assert len(ds) == 2 and all(p != bad for p, _ in ds.samples)
     assert [p for p, _ in ds.bad_files] == [str(bad)]
@@ -268,7 +251,7 @@ def test_truncated_png_falls_back_and_is_reported(tmp_path, d2v_log):
     assert ds.bad_files == [] and len(ds) == 4
     assert ds.samples[1][0] == trunc
     item = ds[1]
-    (msg,) = _warnings(d2v_log)
+    (msg,) = d2v_log.messages()
     assert "00z.png: failed to decode" in msg and "falling back to index 2" in msg
     assert item["bad"] == [str(trunc)] and item["index"] == 2
     assert ds[0]["bad"] == []

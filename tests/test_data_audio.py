@@ -38,6 +38,7 @@ from d2v.data.embedded_speech import SPEECH_SAMPLE_RATE, SPEECH_WORDS, prepare_s
 from d2v.data.files import DataDecodeError
 from d2v.data.seed import derive_seed
 from d2v.masking import span_mask
+from tests.utils import LogRecords
 
 SR = 16000
 
@@ -68,43 +69,18 @@ def _dominant_hz(x: np.ndarray, sr: int) -> float:
     return float(np.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()])
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def _quiet_dataset(source, **kw) -> AudioDataset:
     """A clean dataset must not warn: neither a Python warning nor a warning on the "d2v" logger."""
-    h, lg = _Records(), logging.getLogger("d2v")
-    lg.addHandler(h)
+    cap, lg = LogRecords(), logging.getLogger("d2v")
+    lg.addHandler(cap.handler)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ds = AudioDataset(source, **kw)
     finally:
-        lg.removeHandler(h)
-    assert [r.getMessage() for r in h.records if r.levelno >= logging.WARNING] == []
+        lg.removeHandler(cap.handler)
+    assert [r.getMessage() for r in cap if r.levelno >= logging.WARNING] == []
     return ds
-
-
-@pytest.fixture
-def d2v_log(caplog):
-    """caplog on the "d2v" logger (propagation forced on: the CLI's setup_logging turns it off)."""
-    lg = logging.getLogger("d2v")
-    old = lg.propagate
-    lg.propagate = True
-    caplog.set_level(logging.INFO, logger="d2v")
-    yield caplog
-    lg.propagate = old
-
-
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("d2v") and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +143,7 @@ def test_scan_audio_folder_with_and_without_classes(tmp_path, d2v_log):
     (tmp_path / "empty").mkdir()
     _write(tmp_path / "loose.wav", 400)
     got = scan_audio_folder(tmp_path)
-    assert [m for m in _warnings(d2v_log) if "ignoring 1 audio" in m]
+    assert [m for m in d2v_log.messages() if "ignoring 1 audio" in m]
     rel = [(str(e.path.relative_to(tmp_path)), e.label) for e in got]
     assert rel == [("apple/a.ogg", "apple"), ("apple/deep/b.flac", "apple"), ("zebra/z.WAV", "zebra")]
 
@@ -263,7 +239,7 @@ def test_dataset_skips_bad_files_with_one_warning(tmp_path, d2v_log):
         warnings.simplefilter("always")
         ds = AudioDataset(m, min_samples=400)
     assert rec == []  # logged, not a Python warning with a source line
-    msgs = _warnings(d2v_log)
+    msgs = d2v_log.messages()
     assert len(msgs) == 1 and "skipping 4 unusable" in msgs[0]
     for name in ("corrupt.wav", "empty.wav", "short.wav", "missing.wav"):
         assert name in msgs[0]
@@ -293,7 +269,7 @@ def test_getitem_decode_failure_falls_back_and_reports(tmp_path, d2v_log):
     ds = _quiet_dataset(tmp_path)
     (tmp_path / "1.wav").unlink()
     item = ds[1 + 3 * 5]  # epoch 5, index 1
-    (msg,) = _warnings(d2v_log)
+    (msg,) = d2v_log.messages()
     assert re.search(r"1\.wav: cannot decode audio \(file not found\); falling back to index 2", msg)
     assert item["bad"] == [str(tmp_path / "1.wav")] and item["file_index"] == 2
     assert item["index"] == 16 and item["audio"].shape == (3000,)
@@ -511,6 +487,24 @@ def test_prepare_speech_rebuilds_stale_refuses_foreign(tmp_path, monkeypatch):
     (final / "junk").write_text("x")
     with pytest.raises(RuntimeError, match="READY"):
         prepare_speech(tmp_path)
+
+
+def test_prepare_speech_never_deletes_a_foreign_dir_that_appears_meanwhile(tmp_path, monkeypatch):
+    """A speech16k dir without READY created while we build (not a cache of ours) is left alone: the
+    rename fails and says so; only a complete tree of another recipe is ever replaced."""
+    monkeypatch.setattr(embedded_speech.shutil, "which", lambda name: "/bin/true")
+    final = tmp_path / "speech16k"
+
+    def fake_tree(tmp_root: Path, espeak: str) -> dict:
+        final.mkdir()
+        (final / "theirs").write_text("theirs")
+        return {"utterances": 0}
+
+    monkeypatch.setattr(embedded_speech, "_write_speech_tree", fake_tree)
+    with pytest.raises(OSError):
+        prepare_speech(tmp_path)
+    assert [p.name for p in final.iterdir()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech16k"]  # our temp dir removed
 
 
 def test_prepare_speech_shows_progress_and_says_where(tmp_path, monkeypatch, capsys, d2v_log):

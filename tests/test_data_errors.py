@@ -26,22 +26,6 @@ from d2v.data.images import ImageFolderDataset
 SR = 16000
 
 
-@pytest.fixture
-def d2v_log(caplog):
-    """caplog on the "d2v" logger (propagation forced on: the CLI's setup_logging turns it off)."""
-    lg = logging.getLogger("d2v")
-    old = lg.propagate
-    lg.propagate = True
-    caplog.set_level(logging.INFO, logger="d2v")
-    yield caplog
-    lg.propagate = old
-
-
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("d2v") and r.levelno == logging.WARNING]
-
-
 def _wav(path: Path, n: int = 3200, nan: bool = False, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x = 0.1 * np.random.RandomState(seed).randn(n).astype(np.float32)
@@ -78,7 +62,7 @@ def test_manifest_missing_file_says_file_not_found(tmp_path, d2v_log):
     assert reasons[str(tmp_path / "d" / "missing.wav")] == "file not found"
     assert reasons[str(tmp_path / "d" / "dangling.wav")] == "file not found (broken symbolic link)"
     assert reasons[str(tmp_path / "d" / "sub")] == "is a directory, not a file"
-    (msg,) = _warnings(d2v_log)
+    (msg,) = d2v_log.messages()
     assert "missing.wav (file not found)" in msg and "System error" not in msg
 
 
@@ -157,7 +141,7 @@ def test_audio_warnings_once_per_file_and_per_root(tmp_path, d2v_log):
     for ds in (first, second):  # every dataset still lists its bad files
         assert [p for p, _ in ds.bad_files] == [str(root / "9.wav")]
     assert all(it["bad"] == [str(root / "0b.wav")] and it["file_index"] == 2 for it in items)
-    msgs = _warnings(d2v_log)
+    msgs = d2v_log.messages()
     assert len(msgs) == 2, msgs
     assert "skipping 1 unusable audio file" in msgs[0] and "9.wav" in msgs[0]
     assert "0b.wav" in msgs[1] and "falling back to index 2" in msgs[1]
@@ -179,7 +163,7 @@ def test_image_warnings_once_per_file_and_per_root(tmp_path, d2v_log):
     for ds in (first, second):
         assert [p for p, _ in ds.bad_files] == [str(root / "9.jpg")]
     assert all(it["bad"] == [str(root / "0b.jpg")] and it["index"] == 2 for it in items)
-    msgs = _warnings(d2v_log)
+    msgs = d2v_log.messages()
     assert len(msgs) == 2, msgs
     assert "skipping 1 unreadable image file" in msgs[0] and "9.jpg" in msgs[0]
     assert "0b.jpg: failed to decode" in msgs[1] and "falling back to index 2" in msgs[1]

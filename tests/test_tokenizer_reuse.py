@@ -35,29 +35,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROSE = "\n\n".join([argparse.__doc__, textwrap.__doc__, json.__doc__, pickle.__doc__])
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def messages(self, level=logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno == level]
-
-
-@pytest.fixture
-def d2v_log():
-    h, logger = _Records(), logging.getLogger("d2v")
-    old = logger.level
-    logger.addHandler(h)
-    logger.setLevel(logging.DEBUG)
-    yield h
-    logger.removeHandler(h)
-    logger.setLevel(old)
-
-
 def _corpus(root: Path, text: str, n: int = 2) -> Path:
     """A folder of n text files splitting `text` by paragraphs."""
     root.mkdir(parents=True, exist_ok=True)

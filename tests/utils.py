@@ -1,4 +1,7 @@
-"""Test helpers: verbose closeness assertions, float64 references and the error budgets of the fused ops.
+"""Test helpers shared by several test modules (test modules import from here, never from each other
+or from conftest): verbose closeness assertions, float64 references and the error budgets of the fused
+ops; the captured records of the "d2v" logger; the small-config overrides of quick training runs; the
+sources and scratch venvs of the install and packaging tests.
 
 Error budgets (the build_targets and ema_update_ tolerances of tests/kernels come from here, not from
 tuning):
@@ -15,12 +18,20 @@ Run: (imported by tests)
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 U32 = 2.0**-24  # fp32 unit roundoff
 EXT_REQUIRED = os.environ.get("D2V_SKIP_EXT") != "1"  # setup.py builds d2v._C unless told not to
 
@@ -48,6 +59,102 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
 def rand_ids(R: int, T: int, K: int, g: torch.Generator | None = None) -> torch.Tensor:
     """(R, K) int64: K distinct, unsorted positions in [0, T) per row."""
     return torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(R)])
+
+
+# ------------------------------------------------------------------------------------ logging
+
+
+class LogRecords:
+    """What the `d2v_log` fixture yields: the records logged under the "d2v" logger during a test.
+
+    A handler on the "d2v" logger itself (at DEBUG, the logger's level set to DEBUG for the test), so it
+    sees every record whether or not the CLI's `setup_logging` turned propagation off.
+    - `records`: the LogRecords, in order (a list: `records.clear()` forgets those so far);
+    - iterating yields the records, `len()` counts them;
+    - `messages(level=logging.WARNING)`: the messages (`getMessage()`) of the records at exactly `level`;
+    - `text`: one line per record, "LEVEL logger.name: message";
+    - `clear()`: forget the records so far."""
+
+    def __init__(self):
+        self.records: list[logging.LogRecord] = []
+        self.handler = _Keep(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def messages(self, level: int = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+    @property
+    def text(self) -> str:
+        return "".join(f"{r.levelname} {r.name}: {r.getMessage()}\n" for r in self.records)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+class _Keep(logging.Handler):
+    def __init__(self, records: list):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# ------------------------------------------------------------------------------------ training runs
+
+
+def micro_overrides(out_dir, steps=6, **extra):
+    """key=value overrides shrinking the tiny image recipe to a seconds-long run."""
+    d = {
+        "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2,
+        "model.decoder.dim": 32, "model.decoder.layers": 1, "model.decoder.groups": 4,
+        "objective.average_top_k_layers": 2, "masking.clone_batch": 2,
+        "train.batch_size": 8, "train.max_steps": steps, "train.log_every": 1, "train.ckpt_every": 3,
+        "train.out_dir": str(out_dir), "train.probe_after": False, "optim.warmup_steps": 2,
+        "ema.anneal_end_step": steps, "data.num_workers": 0,
+    }
+    d.update(extra)
+    return [f"{k}={v}" for k, v in d.items()]
+
+
+# ------------------------------------------------------------------------------------ installs
+
+
+def load_setup():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("d2v_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def copy_sources(dst: Path) -> Path:
+    """Copy what pip builds d2v from (setup.py, pyproject.toml, README.md, d2v/, kernels/) into the new
+    folder `dst`, without built extensions, caches or build records (the checkout stays untouched)."""
+    dst.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dst / name)
+    for name in ("d2v", "kernels"):
+        shutil.copytree(ROOT / name, dst / name,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json"))
+    return dst
+
+
+def scratch_venv(path: Path) -> tuple[Path, str]:
+    """A new venv at `path` (without pip: install into it with `pip --python`) that sees this
+    environment's packages (torch) as a plain path, so this environment's editable d2v (a .pth hook)
+    stays invisible -> (its python, its site-packages folder)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    py = path / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return py, site
 
 
 # ------------------------------------------------------------------------------------ build_targets

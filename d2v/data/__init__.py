@@ -1,6 +1,8 @@
 """Data pipeline per modality: image folders + augmentation, audio manifests/folders + length
 buckets, text files + a trained BPE tokenizer; masks built in the loader; embedded defaults (digits,
 espeak-ng speech, fortunes); the resumable sampler; `build.py` wires them from the config.
+`common.py` holds what the three pipelines share (class-folder scan, header check, decode with
+fallback, collate helpers, prepare-once caches, atomic writes).
 
 Audio and text modules import lazily (`d2v.data.audio`, `d2v.data.text`): soundfile and tokenizers
 are only loaded when those modalities are used.

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -45,10 +44,21 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from d2v._optional import require
-from d2v.data.files import DataDecodeError, walk_files
+from d2v.data.common import (
+    DecodeFailed,
+    check_headers,
+    check_items,
+    decode_with_fallback,
+    failed_paths,
+    int64_column,
+    pad_right,
+    scan_class_folders,
+    split_virtual_index,
+    warn_skipped,
+)
 from d2v.data.sampler import ResumableBatchSampler, build_loader
-from d2v.data.seed import derive_seed
-from d2v.log import get_logger, warn_once
+from d2v.data.seed import seeded_generator
+from d2v.log import get_logger
 from d2v.masking import span_mask
 
 sf = require("soundfile", "audio data")  # importing this module is asking for audio
@@ -71,14 +81,11 @@ __all__ = [
 
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg")  # compared case-insensitively
 WHOLE_NORM_MAX_S = 60  # with data.normalize, longer files are normalized over their crop window only
-_MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
-_WARN_FIRST = 5  # bad paths named in the init warning
 # files: show a progress bar for the start-up header check from this many. Measured roughly (this
 # machine, warm page cache): soundfile.info costs ~0.1 ms per WAV/FLAC and ~0.7 ms per OGG Vorbis
 # (it seeks to the last page for the length); a cold cache or a network file system adds a read per
 # file, ~1-3 ms. At ~2 ms per file, 1000 files take ~2 s, the most a check runs without a bar.
 _PROGRESS_FROM = 1000
-_REASONS_SHOWN = 3  # failure reasons quoted in a DataDecodeError
 _NORM_EPS = 1e-5  # F.layer_norm eps of the reference's per-utterance normalization
 
 log = get_logger(__name__)
@@ -137,13 +144,8 @@ def read_manifest(path: str | Path) -> list[AudioEntry]:
     return entries
 
 
-def _is_audio(name: str) -> bool:
-    return name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith(".")
-
-
-def _walk_audio(top: Path, seen: set | None = None) -> list[Path]:
-    """All audio files under `top` (hidden files skipped), sorted by path."""
-    return walk_files(top, lambda p: _is_audio(p.name), seen)
+def _is_audio(path: Path) -> bool:
+    return path.name.lower().endswith(AUDIO_EXTENSIONS) and not path.name.startswith(".")
 
 
 def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
@@ -155,18 +157,9 @@ def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder {root} does not exist or is not a directory")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # one walk over all classes, links followed once by real path: a link loop or a link into another
-    # class's folder lists nothing twice
-    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
-    per_class = [(d.name, _walk_audio(d, seen)) for d in subdirs]
-    per_class = [(name, files) for name, files in per_class if files]
-    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_audio(p.name))
+    per_class, loose = scan_class_folders(root, _is_audio, log=log, warn_key="audio-loose-files",
+                                          noun="audio file(s)")
     if per_class:
-        if loose:
-            warn_once(log, ("audio-loose-files", os.path.realpath(root)),
-                      f"{root}: ignoring {len(loose)} audio file(s) directly in the root because class "
-                      f"subfolders exist, e.g. {loose[0]}")
         return [AudioEntry(p, None, name) for name, files in per_class for p in files]
     if not loose:
         raise ValueError(f"no audio files under {root} (accepted extensions, case-insensitive: "
@@ -366,7 +359,8 @@ class AudioDataset(torch.utils.data.Dataset):
     utterance when it fits in max_samples, else the crop (see the module docstring).
 
     A file that fails to decode is named in a warning (once per file per process) and the item
-    comes from the next index; DataDecodeError after _MAX_DECODE_TRIES consecutive failures.
+    comes from the next index; DataDecodeError after MAX_DECODE_TRIES (d2v.data.common) consecutive
+    failures.
 
     `classes` (optional) fixes the class list (e.g. to share one label mapping between a train
     and a test manifest); by default it is the sorted set of labels in `source`."""
@@ -402,7 +396,7 @@ class AudioDataset(torch.utils.data.Dataset):
         if self.root.is_dir():
             entries = scan_audio_folder(self.root)
         elif self.root.is_file():
-            if _is_audio(self.root.name):
+            if _is_audio(self.root):
                 raise ValueError(f"AudioDataset: source {self.root} is an audio file; pass a manifest "
                                  f"(.tsv) or a folder")
             entries = read_manifest(self.root)
@@ -427,37 +421,28 @@ class AudioDataset(torch.utils.data.Dataset):
             raise ValueError(f"AudioDataset: {unknown[0].path} has label {unknown[0].label!r}, not in "
                              f"classes {self.classes}")
 
-        from tqdm import tqdm
-
-        kept: list[AudioEntry] = []
-        lengths: list[int] = []
-        bar = tqdm(entries, desc=f"checking {self.root.name}", unit="file", mininterval=1.0,
-                   disable=len(entries) < _PROGRESS_FROM, leave=False)
-        for e in bar:
-            n, reason = _check_header(e.path, self.sample_rate, self.min_samples)
-            if reason is None:
-                kept.append(e)
-                lengths.append(n if self.max_samples is None else min(n, self.max_samples))
-            else:
-                self.bad_files.append((str(e.path), reason))
-        if not kept:
+        checked = check_headers([e.path for e in entries],
+                                lambda p: _check_header(p, self.sample_rate, self.min_samples),
+                                root=self.root, progress_from=_PROGRESS_FROM)
+        self.bad_files = checked.bad
+        if not checked.kept:
             p, why = self.bad_files[0]
             raise ValueError(f"AudioDataset: no usable audio in {self.root}: all {len(self.bad_files)} "
                              f"file(s) failed, e.g. {p}: {why}")
-        if self.bad_files:
-            first = "; ".join(f"{p} ({why})" for p, why in self.bad_files[:_WARN_FIRST])
-            warn_once(log, ("audio-unusable-files", os.path.realpath(self.root)),
-                      f"{self.root}: skipping {len(self.bad_files)} unusable audio file(s): {first}")
-        self.entries: list[AudioEntry] = kept
-        self.lengths: list[int] = lengths  # at sample_rate, capped at max_samples
-        self.labels: list[int] = [class_index[e.label] if e.label is not None else -1 for e in kept]
+        warn_skipped(log, "audio-unusable-files", self.root, self.bad_files, "unusable audio file(s)")
+        cap = self.max_samples
+        self.entries: list[AudioEntry] = [entries[k] for k in checked.kept]
+        # at sample_rate, capped at max_samples
+        self.lengths: list[int] = [n if cap is None else min(n, cap) for n in checked.info]
+        self.labels: list[int] = [class_index[e.label] if e.label is not None else -1
+                                  for e in self.entries]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def item_generator(self, epoch: int, index: int) -> torch.Generator:
         """The generator that drives the random crop of item `index` in `epoch`."""
-        return torch.Generator().manual_seed(derive_seed("audio-item", self.seed, epoch, index))
+        return seeded_generator("audio-item", self.seed, epoch, index)
 
     def _crop_start(self, epoch: int, i: int, length: int) -> int:
         """Start of the max_samples crop of a `length`-sample waveform: random in train mode (the
@@ -496,38 +481,30 @@ class AudioDataset(torch.utils.data.Dataset):
             wav = np.ascontiguousarray(wav[start : start + cap])
         return wav, normed
 
+    def _all_failed(self, i: int, tries: int, reasons: str) -> str:
+        return (f"AudioDataset: {self.root}: {tries} consecutive audio files (of {len(self)}) failed to "
+                f"decode, from index {i}: they pass the start-up header check but their audio cannot be "
+                f"decoded (corrupt, truncated or non-finite data?); first reasons: {reasons}")
+
     def __getitem__(self, v: int) -> dict[str, Any]:
-        v = operator.index(v)
         n = len(self.entries)
-        if v < 0:
-            raise IndexError(f"AudioDataset: index must be >= 0 (virtual index epoch * {n} + i), "
-                             f"got {v}")
-        epoch, i = divmod(v, n)
-        bad: list[str] = []
-        reasons: list[str] = []
-        tries = min(_MAX_DECODE_TRIES, n)  # each file once at most
-        for k in range(tries):
-            j = (i + k) % n
+        epoch, i = split_virtual_index(v, n, "AudioDataset")
+
+        def decode(j: int) -> tuple[np.ndarray, bool]:
             path = self.entries[j].path
             try:
-                wav, normed = self._load(path, epoch, i)  # (L,), L <= max_samples
+                return self._load(path, epoch, i)  # (L,), L <= max_samples; the crop is item i's
             except AudioDecodeError as e:
-                warn_once(log, ("audio-decode-failed", str(path)),
-                          f"{e}; falling back to index {(j + 1) % n}")
-                bad.append(str(path))
-                reasons.append(str(e))
-                continue
-            x = torch.from_numpy(wav)  # (L,)
-            if self.normalize and not normed:
-                x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
-            return {"audio": x.contiguous(), "label": self.labels[j], "index": v, "file_index": j,
-                    "bad": bad}
-        shown = "; ".join(r.replace("\n", " ") for r in reasons[:_REASONS_SHOWN])
-        more = f" (and {len(reasons) - _REASONS_SHOWN} more)" if len(reasons) > _REASONS_SHOWN else ""
-        raise DataDecodeError(
-            f"AudioDataset: {self.root}: {tries} consecutive audio files (of {n}) failed to decode, "
-            f"from index {i}: they pass the start-up header check but their audio cannot be decoded "
-            f"(corrupt, truncated or non-finite data?); first reasons: {shown}{more}")
+                raise DecodeFailed(str(path), str(e), str(e)) from None
+
+        j, (wav, normed), bad = decode_with_fallback(
+            n, i, decode, log=log, warn_key="audio-decode-failed",
+            give_up=lambda tries, reasons: self._all_failed(i, tries, reasons))
+        x = torch.from_numpy(wav)  # (L,)
+        if self.normalize and not normed:
+            x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
+        return {"audio": x.contiguous(), "label": self.labels[j], "index": epoch * n + i, "file_index": j,
+                "bad": bad}
 
 
 # ---- sampler ------------------------------------------------------------------------------------
@@ -571,7 +548,7 @@ class LengthBucketBatchSampler(ResumableBatchSampler):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of epoch `epoch`, as dataset indices in [0, num_samples)."""
-        g = torch.Generator().manual_seed(derive_seed("audio-sampler", self.seed, epoch))
+        g = seeded_generator("audio-sampler", self.seed, epoch)
         G = self.batch_size * self.world_size
         nb = self.steps_per_epoch
         perm = torch.randperm(self.num_samples, generator=g)[: nb * G]  # (nb*G,)
@@ -599,7 +576,11 @@ class AudioCollate:
     seeded derive_seed("audio-batch", seed, items[0]["index"]).
 
     Returns {"audio": float32 (B, L), "mask": bool (B*M, T), "label": int64 (B,),
-             "index": int64 (B,) virtual indices, "bad": list[str]}."""
+             "index": int64 (B,) virtual indices, "bad": list[str]}.
+
+    The settings are the config's (masking.*, data.max_sample_size), validated there: clone_batch
+    and mask_length >= 1, 0 < mask_prob < 1, max_samples >= 1 or None; span_mask checks mask_prob and
+    mask_length again when called."""
 
     def __init__(
         self,
@@ -612,14 +593,6 @@ class AudioCollate:
         seed: int,
         max_samples: int | None = None,
     ) -> None:
-        if clone_batch < 1:
-            raise ValueError(f"AudioCollate: clone_batch must be >= 1, got {clone_batch}")
-        if not 0.0 <= mask_prob < 1.0:
-            raise ValueError(f"AudioCollate: mask_prob must be in [0, 1), got {mask_prob}")
-        if mask_length < 1:
-            raise ValueError(f"AudioCollate: mask_length must be >= 1, got {mask_length}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"AudioCollate: max_samples must be >= 1, got {max_samples}")
         self.clone_batch = int(clone_batch)
         self.mask_prob = float(mask_prob)
         self.mask_length = int(mask_length)
@@ -629,11 +602,10 @@ class AudioCollate:
         self.max_samples = None if max_samples is None else int(max_samples)
 
     def batch_generator(self, first_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed("audio-batch", self.seed, int(first_index)))
+        return seeded_generator("audio-batch", self.seed, int(first_index))
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if not items:
-            raise ValueError("AudioCollate: got an empty list of items")
+        check_items(items, "AudioCollate")
         g = self.batch_generator(items[0]["index"])
         L = min(int(it["audio"].shape[0]) for it in items)
         if self.max_samples is not None:
@@ -654,9 +626,9 @@ class AudioCollate:
         return {
             "audio": torch.stack(crops).to(torch.float32),  # (B, L)
             "mask": mask,
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),  # (B,)
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),  # (B,)
-            "bad": [p for it in items for p in it.get("bad", [])],
+            "label": int64_column(items, "label"),  # (B,)
+            "index": int64_column(items, "index"),  # (B,)
+            "bad": failed_paths(items),
         }
 
     def __repr__(self) -> str:
@@ -671,20 +643,13 @@ def collate_audio_eval(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns {"audio": float32 (B, Lmax), "padding_mask": bool (B, Lmax) True = padding,
              "label": int64 (B,), "index": int64 (B,)}."""
-    if not items:
-        raise ValueError("collate_audio_eval: got an empty list of items")
-    lens = [int(it["audio"].shape[0]) for it in items]
-    Lmax = max(lens)
-    audio = torch.zeros(len(items), Lmax, dtype=torch.float32)  # (B, Lmax)
-    padding_mask = torch.ones(len(items), Lmax, dtype=torch.bool)  # (B, Lmax)
-    for b, (it, n) in enumerate(zip(items, lens)):
-        audio[b, :n] = it["audio"]
-        padding_mask[b, :n] = False
+    check_items(items, "collate_audio_eval")
+    audio, padding_mask = pad_right([it["audio"] for it in items], 0.0, torch.float32)  # (B, Lmax) x 2
     return {
         "audio": audio,
         "padding_mask": padding_mask,
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "label": int64_column(items, "label"),
+        "index": int64_column(items, "index"),
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
+from d2v.audio_frames import RECEPTIVE_FIELD, FeatureLength
 from d2v.config import Config
 from d2v.data.embedded import DIGITS32_MEAN, DIGITS32_STD, prepare_digits
 from d2v.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, make_inverse_block_mask_fn
@@ -131,8 +132,6 @@ def _audio_sources(cfg: Config) -> tuple[Path, dict[str, tuple[Path, Path | None
 
 
 def _min_samples(cfg: Config) -> int:
-    from d2v.modalities.audio import RECEPTIVE_FIELD
-
     return cfg.data.min_sample_size or RECEPTIVE_FIELD
 
 
@@ -147,7 +146,6 @@ def _audio_dataset(cfg: Config, source: Path, train: bool, classes=None):
 
 def _audio_pretrain(cfg: Config, start_step: int, rank: int, world_size: int, pin_memory: bool):
     from d2v.data.audio import AudioCollate, LengthBucketBatchSampler
-    from d2v.modalities.audio import FeatureLength
 
     source, _ = _audio_sources(cfg)
     ds = _audio_dataset(cfg, source, train=True)
@@ -247,7 +245,8 @@ def _text_probe(cfg: Config, run_dir: Path | None) -> list[ProbeTask]:
                        WordOrderDataset(te, seed=seed + 1) if te is not None else None,
                        collate_text_eval, "tokens")]
     if classes:
-        tasks.append(ProbeTask("topic" if cfg.data.path is None else "class", tr, te, collate_text_eval, "tokens"))
+        name = "topic" if cfg.data.path is None else "class"
+        tasks.append(ProbeTask(name, tr, te, collate_text_eval, "tokens"))
     return tasks
 
 

@@ -16,13 +16,12 @@ References: sklearn.datasets.load_digits (UCI optical recognition of handwritten
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from d2v.data.common import READY, build_then_rename
 
 __all__ = [
     "DIGITS32_MEAN",
@@ -45,8 +44,6 @@ DIGITS32_SPLIT_SEED = 0  # numpy RandomState seed of the fixed train/test permut
 # Recomputed from the prepared files by tests/test_data.py::test_digits_stats_constant (tol 1e-3).
 DIGITS32_MEAN: tuple[float, float, float] = (0.30536, 0.30536, 0.30536)
 DIGITS32_STD: tuple[float, float, float] = (0.32247, 0.32247, 0.32247)
-
-_READY = "READY"
 
 
 def default_cache_dir() -> Path:
@@ -94,25 +91,13 @@ def prepare_digits(cache_dir: Path | str | None = None) -> Path:
     finished first, our copy is discarded and theirs is used."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / DIGITS32_DIRNAME
-    if (final / _READY).is_file():
+    if (final / READY).is_file():
         return final
     if final.exists():
         raise RuntimeError(
-            f"embedded.py: {final} exists but has no {_READY} marker (not written by "
+            f"embedded.py: {final} exists but has no {READY} marker (not written by "
             f"prepare_digits, or damaged); delete it and call prepare_digits again"
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DIGITS32_DIRNAME}.tmp-", dir=cache))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0o700; the final tree should be readable like any dir
-        counts = _write_split_tree(tmp)
-        (tmp / _READY).write_text(json.dumps({**counts, "classes": 10}) + "\n")
-        try:
-            os.replace(tmp, final)  # atomic; fails if another process already put `final` there
-        except OSError:
-            if not (final / _READY).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_then_rename(final, lambda tmp: {**_write_split_tree(tmp), "classes": 10},
+                      is_complete=lambda root: (root / READY).is_file(), indent=None)
     return final

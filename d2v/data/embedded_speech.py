@@ -34,12 +34,9 @@ References: espeak-ng(1); Speech Commands (Warden 2018) for the word list.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from d2v.data.audio import load_audio
+from d2v.data.common import READY, build_then_rename, read_marker
 from d2v.data.embedded import default_cache_dir
 from d2v.log import get_logger
 
@@ -86,7 +84,6 @@ _TRIM_FRAME = 160  # 10 ms at 16 kHz
 _TRIM_DB = -40.0  # frames below this RMS relative to the loudest frame are silence
 _TRIM_MARGIN = (2, 3)  # frames kept before the first / after the last voiced frame
 _THREADS = 2
-_READY = "READY"
 log = get_logger(__name__)
 _MISSING_ESPEAK = ("embedded_speech: espeak-ng not found: install it with `apt-get install espeak-ng` "
                    "(scripts/setup.sh does this), or set data.path to your own audio manifest/folder")
@@ -233,10 +230,7 @@ def _write_speech_tree(tmp_root: Path, espeak: str) -> dict:
 
 
 def _ready_fingerprint(root: Path) -> str | None:
-    try:
-        return json.loads((root / _READY).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_marker(root) or {}).get("fingerprint")
 
 
 def prepare_speech(cache_dir: Path | str | None = None) -> Path:
@@ -249,40 +243,20 @@ def prepare_speech(cache_dir: Path | str | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / SPEECH_DIRNAME
     want = _fingerprint()
-    if (final / _READY).is_file() and _ready_fingerprint(final) == want:
+    if _ready_fingerprint(final) == want:
         return final
-    if final.exists() and not (final / _READY).is_file():
-        raise RuntimeError(f"embedded_speech: {final} exists but has no {_READY} marker (not written "
+    if final.exists() and not (final / READY).is_file():
+        raise RuntimeError(f"embedded_speech: {final} exists but has no {READY} marker (not written "
                            f"by prepare_speech, or damaged); delete it and call prepare_speech again")
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         raise RuntimeError(_MISSING_ESPEAK)
-    cache.mkdir(parents=True, exist_ok=True)
     n = len(SPEECH_VOICES) * len(SPEECH_VARIANTS) * len(SPEECH_WORDS)
     log.info("preparing the embedded speech dataset (first use only, ~30 s): synthesizing %d spoken "
              "words with espeak-ng, cached in %s", n, final)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SPEECH_DIRNAME}.tmp-", dir=cache))
-    old: Path | None = None
-    try:
-        tmp.chmod(0o755)
-        stats = _write_speech_tree(tmp, espeak)
-        (tmp / _READY).write_text(json.dumps({"fingerprint": want, **stats}, indent=1) + "\n")
-        if final.exists() and _ready_fingerprint(final) != want:  # stale recipe: move it aside
-            old = Path(tempfile.mkdtemp(prefix=f".{SPEECH_DIRNAME}.old-", dir=cache))
-            try:
-                os.replace(final, old / SPEECH_DIRNAME)
-            except OSError:
-                pass  # another process moved or replaced it meanwhile
-        try:
-            os.replace(tmp, final)  # atomic; fails if another process already put `final` there
-        except OSError:
-            if _ready_fingerprint(final) != want:
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    # a tree of an older recipe (another fingerprint) is replaced
+    build_then_rename(final, lambda tmp: {"fingerprint": want, **_write_speech_tree(tmp, espeak)},
+                      is_complete=lambda root: _ready_fingerprint(root) == want)
     log.info("embedded speech dataset ready in %.0f s: %s", time.perf_counter() - t0, final)
     return final

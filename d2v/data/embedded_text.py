@@ -39,14 +39,11 @@ References: Debian package `fortunes` (fortune-mod data files).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from d2v.data.common import READY, build_then_rename, read_marker
 from d2v.data.embedded import default_cache_dir
 
 __all__ = [
@@ -70,8 +67,6 @@ FORTUNES_MIN_CHARS = 20  # entries shorter than this (after whitespace collapsin
 FORTUNES_MAX_PER_CATEGORY = 600
 FORTUNES_TEST_FRACTION = 0.2
 FORTUNES_SPLIT_SEED = 0  # numpy RandomState seed of the per-category selection/split permutation
-
-_READY = "READY"
 
 
 def parse_fortune_file(path: str | Path) -> list[str]:
@@ -139,8 +134,8 @@ def _write_split_tree(tmp_root: Path, src: Path) -> dict:
 
 def _ready_version(root: Path) -> int | None:
     try:
-        return int(json.loads((root / _READY).read_text())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_marker(root)["version"])
+    except (ValueError, KeyError, TypeError):  # no marker (None), no "version", or not a number
         return None
 
 
@@ -158,33 +153,14 @@ def prepare_fortunes(cache_dir: str | Path | None = None, *,
     if version == FORTUNES_VERSION:
         return final
     if final.exists() and version is None:
-        raise RuntimeError(f"embedded_text.py: {final} exists but has no valid {_READY} marker "
+        raise RuntimeError(f"embedded_text.py: {final} exists but has no valid {READY} marker "
                            f"(not written by prepare_fortunes, or damaged); delete it and call "
                            f"prepare_fortunes again")
     if not src.is_dir():
         raise RuntimeError(_missing_message(src, src))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FORTUNES_DIRNAME}.tmp-", dir=cache))
-    old: Path | None = None
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0o700
-        record = _write_split_tree(tmp, src)
-        (tmp / _READY).write_text(json.dumps(record, indent=1) + "\n")  # written last
-        if final.exists():  # an older version: move it aside, then put ours in place
-            old = Path(tempfile.mkdtemp(prefix=f".{FORTUNES_DIRNAME}.old-", dir=cache))
-            try:
-                os.replace(final, old / FORTUNES_DIRNAME)
-            except FileNotFoundError:  # another process moved it first
-                pass
-        try:
-            os.replace(tmp, final)  # atomic; fails if another process already put `final` there
-        except OSError:
-            if _ready_version(final) != FORTUNES_VERSION:
-                raise
-    finally:
-        for d in (tmp, old):
-            if d is not None and d.exists():
-                shutil.rmtree(d, ignore_errors=True)
+    # a tree of an older version is replaced
+    build_then_rename(final, lambda tmp: _write_split_tree(tmp, src),
+                      is_complete=lambda root: _ready_version(root) == FORTUNES_VERSION)
     return final
 
 

@@ -14,19 +14,30 @@ fallback), MAE/data2vec 2.0 pretraining transforms (crop scale (0.2, 1.0), flip,
 from __future__ import annotations
 
 import math
-import operator
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from d2v.data.files import DataDecodeError, walk_files
-from d2v.data.seed import derive_seed
-from d2v.log import get_logger, warn_once
+from d2v.data.common import (
+    DecodeFailed,
+    MaskFn,
+    cat_masks,
+    check_headers,
+    check_items,
+    decode_with_fallback,
+    draw_mask,
+    failed_paths,
+    int64_column,
+    scan_class_folders,
+    split_virtual_index,
+    warn_skipped,
+)
+from d2v.data.seed import derive_seed, seeded_generator
+from d2v.log import get_logger
 from d2v.masking import inverse_block_mask
 
 __all__ = [
@@ -47,28 +58,18 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )  # compared case-insensitively
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MAX_DECODE_TRIES = 10  # failed decodes before __getitem__ gives up
 _CROP_TRIES = 10  # random-resized-crop attempts before the center-crop fallback
-_WARN_FIRST = 5  # bad paths named in the init warning
 # files: show a progress bar for the start-up header check from this many. Measured roughly (this
 # machine, warm page cache): PIL's lazy Image.open + size costs ~0.06-0.12 ms per PNG/JPEG, less
 # than soundfile.info on audio (see audio.py, 1000 there); a cold cache or a network file system adds
 # a read per file, ~1 ms. At ~1 ms per file, 2000 files take ~2 s, the most a check runs without a bar.
 _PROGRESS_FROM = 2000
-_REASONS_SHOWN = 3  # failure reasons quoted in a DataDecodeError
 
 log = get_logger(__name__)
 
-MaskFn = Callable[[torch.Generator], torch.Tensor]
 
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _walk_images(top: Path, seen: set[str] | None = None) -> list[Path]:
-    """All image files under `top` (hidden files skipped), sorted by path; `seen` as in walk_files."""
-    return walk_files(top, lambda p: _is_image(p.name), seen)
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_EXTENSIONS) and not path.name.startswith(".")
 
 
 def scan_image_folder(
@@ -91,17 +92,9 @@ def scan_image_folder(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # the root and every class folder belong to themselves: a walk reaching them by a link stops
-    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
-    per_class = [(d.name, _walk_images(d, seen)) for d in subdirs]
-    per_class = [(name, files) for name, files in per_class if files]
-    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    per_class, loose = scan_class_folders(root, _is_image, log=log, warn_key="image-loose-files",
+                                          noun="image(s)")
     if per_class:
-        if loose:
-            warn_once(log, ("image-loose-files", os.path.realpath(root)),
-                      f"{root}: ignoring {len(loose)} image(s) directly in the root because class "
-                      f"subfolders exist, e.g. {loose[0]}")
         classes = [name for name, _ in per_class] if classes is None else list(classes)
         index = {name: k for k, name in enumerate(classes)}
         for name, _ in per_class:
@@ -120,6 +113,12 @@ def scan_image_folder(
     return [(p, -1) for p in loose], []
 
 
+def _failure(path: Path, e: Exception) -> str:
+    """Why PIL failed on `path`: "file not found" (deleted since the scan, or a broken link), else the
+    exception (PIL raises UnidentifiedImageError, OSError, SyntaxError, ...)."""
+    return "file not found" if not os.path.exists(path) else f"{type(e).__name__}: {e}"
+
+
 def _check_header(path: Path) -> str | None:
     """Open only the header (PIL is lazy); return None if it looks like an image, else a reason."""
     try:
@@ -127,10 +126,8 @@ def _check_header(path: Path) -> str | None:
             w, h = im.size
         if w <= 0 or h <= 0:
             return f"empty image size {w}x{h}"
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        if not os.path.exists(path):  # e.g. deleted since the scan, or a broken link
-            return "file not found"
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:
+        return _failure(path, e)
     return None
 
 
@@ -201,7 +198,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Start-up (`check_files`): files whose header PIL cannot read are excluded, listed in `bad_files`
     [(path, reason)] and named in one warning (once per folder per process, on the "d2v" logger). A
     file that passes the header but fails to decode is named in a warning once per process and the
-    item comes from the next index; DataDecodeError after _MAX_DECODE_TRIES consecutive failures."""
+    item comes from the next index; DataDecodeError after MAX_DECODE_TRIES (d2v.data.common)
+    consecutive failures."""
 
     def __init__(
         self,
@@ -244,26 +242,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         samples, self._classes = scan_image_folder(self.root, classes)
         if check_files:
-            kept = []
-            # header checks of a large folder take a while: show progress past a few thousand files
-            bar = tqdm(samples, desc=f"checking {self.root.name}", unit="file", mininterval=1.0,
-                       disable=len(samples) < _PROGRESS_FROM, leave=False)
-            for path, label in bar:
-                reason = _check_header(path)
-                if reason is None:
-                    kept.append((path, label))
-                else:
-                    self.bad_files.append((str(path), reason))
-            if not kept:
+            checked = check_headers([p for p, _ in samples], lambda p: (None, _check_header(p)),
+                                    root=self.root, progress_from=_PROGRESS_FROM)
+            self.bad_files = checked.bad
+            if not checked.kept:
                 p, why = self.bad_files[0]
                 raise ValueError(f"no readable images under {self.root}: {len(self.bad_files)} "
                                  f"files failed, e.g. {p}: {why}")
-            if self.bad_files:
-                first = "; ".join(f"{p} ({why})" for p, why in self.bad_files[:_WARN_FIRST])
-                warn_once(log, ("image-unreadable-files", os.path.realpath(self.root)),
-                          f"{self.root}: skipping {len(self.bad_files)} unreadable image file(s): "
-                          f"{first}")
-            samples = kept
+            warn_skipped(log, "image-unreadable-files", self.root, self.bad_files,
+                         "unreadable image file(s)")
+            samples = [samples[k] for k in checked.kept]
         self._samples = samples
 
     # ---- metadata -------------------------------------------------------------------------
@@ -285,7 +273,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     # ---- items ----------------------------------------------------------------------------
     def item_generator(self, epoch: int, index: int) -> torch.Generator:
         """The generator that drives every random draw of item `index` in `epoch`."""
-        return torch.Generator().manual_seed(derive_seed("item", self.seed, epoch, index))
+        return seeded_generator("item", self.seed, epoch, index)
 
     def _transform(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
         """PIL RGB image -> normalized float (3, S, S)."""
@@ -307,79 +295,61 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S)
         return ((x - self.mean) / self.std).contiguous()
 
+    def _decode(self, j: int) -> Image.Image:
+        """Entry j decoded as RGB; DecodeFailed for truncated / corrupt pixel data behind a valid header."""
+        path = self._samples[j][0]
+        try:
+            return _decode_rgb(path)
+        except Exception as e:
+            reason = _failure(path, e)
+            raise DecodeFailed(str(path), f"{path}: failed to decode ({reason})",
+                               f"{path}: {reason}") from None
+
+    def _all_failed(self, i: int, tries: int, reasons: str) -> str:
+        return (f"ImageFolderDataset: {self.root}: {tries} consecutive images (of {len(self)}) failed to "
+                f"decode, from index {i}: they pass the start-up header check but their pixel data cannot "
+                f"be decoded (corrupt or truncated files?); first reasons: {reasons}")
+
     def __getitem__(self, v: int) -> dict[str, Any]:
-        v = operator.index(v)
-        n = len(self._samples)
-        if v < 0:
-            raise IndexError(f"ImageFolderDataset: index must be >= 0 (virtual index "
-                             f"epoch * {n} + i), got {v}")
-        epoch, i = divmod(v, n)
+        epoch, i = split_virtual_index(v, len(self._samples), "ImageFolderDataset")
         g = self.item_generator(epoch, i)
-        bad: list[str] = []
-        reasons: list[str] = []
-        tries = min(_MAX_DECODE_TRIES, n)  # each file once at most
-        for k in range(tries):
-            j = (i + k) % n
-            path, label = self._samples[j]
-            try:
-                img = _decode_rgb(path)
-            except Exception as e:  # truncated / corrupt pixel data behind a valid header
-                reason = f"{type(e).__name__}: {e}"
-                if not os.path.exists(path):
-                    reason = "file not found"
-                warn_once(log, ("image-decode-failed", str(path)),
-                          f"{path}: failed to decode ({reason}); falling back to index {(j + 1) % n}")
-                bad.append(str(path))
-                reasons.append(f"{path}: {reason}")
-                continue
-            item: dict[str, Any] = {
-                "image": self._transform(img, g),  # (3, S, S)
-                "label": int(label),
-                "index": j,
-                "bad": bad,
-            }
-            if self.mask_fn is not None:
-                mask = self.mask_fn(g)  # (M, T), drawn after the augmentation
-                if mask.dim() != 2 or mask.dtype != torch.bool:
-                    raise TypeError(f"ImageFolderDataset: mask_fn must return a bool (M, T) "
-                                    f"tensor, got {mask.dtype} {tuple(mask.shape)}")
-                item["mask"] = mask
-            return item
-        shown = "; ".join(r.replace("\n", " ") for r in reasons[:_REASONS_SHOWN])
-        more = f" (and {len(reasons) - _REASONS_SHOWN} more)" if len(reasons) > _REASONS_SHOWN else ""
-        raise DataDecodeError(
-            f"ImageFolderDataset: {self.root}: {tries} consecutive images (of {n}) failed to decode, "
-            f"from index {i}: they pass the start-up header check but their pixel data cannot be "
-            f"decoded (corrupt or truncated files?); first reasons: {shown}{more}")
+        j, img, bad = decode_with_fallback(len(self._samples), i, self._decode, log=log,
+                                           warn_key="image-decode-failed",
+                                           give_up=lambda tries, reasons: self._all_failed(i, tries, reasons))
+        item: dict[str, Any] = {
+            "image": self._transform(img, g),  # (3, S, S)
+            "label": int(self._samples[j][1]),
+            "index": j,
+            "bad": bad,
+        }
+        if self.mask_fn is not None:
+            item["mask"] = draw_mask(self.mask_fn, g, "ImageFolderDataset")  # (M, T), after the augmentation
+        return item
 
 
 def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack items: image (B, 3, S, S), label/index int64 (B,), mask (B*M, T) bool sample-major
     (rows b*M .. b*M+M-1 belong to sample b), bad = flat list of failed paths."""
-    if not items:
-        raise ValueError("collate_images: got an empty list of items")
+    check_items(items, "collate_images")
     out: dict[str, Any] = {
         "image": torch.stack([it["image"] for it in items]),  # (B, 3, S, S)
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),  # (B,)
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),  # (B,)
-        "bad": [p for it in items for p in it.get("bad", [])],
+        "label": int64_column(items, "label"),  # (B,)
+        "index": int64_column(items, "index"),  # (B,)
+        "bad": failed_paths(items),
     }
-    has_mask = ["mask" in it for it in items]
-    if any(has_mask):
-        if not all(has_mask):
-            raise ValueError("collate_images: some items have a 'mask' and some do not")
-        out["mask"] = torch.cat([it["mask"] for it in items], dim=0)  # (B*M, T)
+    mask = cat_masks(items, "collate_images")  # (B*M, T) or None
+    if mask is not None:
+        out["mask"] = mask
     return out
 
 
 class InverseBlockMaskFn:
-    """Picklable per-item mask maker: generator -> bool (clone_batch, grid*grid), True = masked."""
+    """Picklable per-item mask maker: generator -> bool (clone_batch, grid*grid), True = masked.
+    Its settings are the config's (model.grid, masking.*), validated there: grid and clone_batch
+    >= 1; inverse_block_mask checks mask_prob and mask_length when called."""
 
     def __init__(self, grid: int, clone_batch: int, mask_prob: float, mask_length: int,
                  adjust: float) -> None:
-        if grid < 1 or clone_batch < 1:
-            raise ValueError(f"InverseBlockMaskFn: grid and clone_batch must be >= 1, got "
-                             f"grid={grid} clone_batch={clone_batch}")
         self.grid = int(grid)
         self.clone_batch = int(clone_batch)
         self.mask_prob = float(mask_prob)

@@ -41,19 +41,31 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from d2v._optional import require
-from d2v.data.files import walk_files
-from d2v.data.seed import derive_seed
+from d2v.data.common import (
+    WARN_FIRST,
+    MaskFn,
+    atomic_write_text,
+    cat_masks,
+    check_items,
+    draw_mask,
+    failed_paths,
+    int64_column,
+    name_files,
+    pad_right,
+    scan_class_folders,
+    split_virtual_index,
+)
+from d2v.data.seed import seeded_generator
 from d2v.log import get_logger, warn_once
 from d2v.masking import random_mask
 
@@ -82,7 +94,6 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials + the 256 byte symbols of
 TEXT_EXTENSIONS: tuple[str, ...] = (".txt", ".text", ".md")
 
 _BOM = b"\xef\xbb\xbf"
-_WARN_FIRST = 5  # bad paths named in the init warning
 _PROGRESS_FROM = 50  # files: show a tokenization progress bar above this many
 _ENCODE_LINES = 8192  # lines per encode_batch call (bounds the Encoding objects alive at once)
 _ANNOUNCE_BYTES = 16 << 20  # corpus size from which tokenization without a bar says it is starting
@@ -139,9 +150,8 @@ def _is_text_name(name: str) -> bool:
     return suffix == "" or suffix in TEXT_EXTENSIONS
 
 
-def _walk_text(top: Path, seen: set | None = None) -> list[Path]:
-    """All text files under `top` (hidden files skipped), sorted by path."""
-    return walk_files(top, lambda p: _is_text_name(p.name) and p.is_file(), seen)
+def _is_text_file(path: Path) -> bool:
+    return _is_text_name(path.name) and path.is_file()
 
 
 def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:
@@ -159,18 +169,9 @@ def scan_text_source(path: str | Path) -> list[tuple[Path, str | None]]:
         return [(root, None)]
     if not root.is_dir():
         raise FileNotFoundError(f"text source {root} does not exist")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # one walk over all classes, links followed once by real path: a link loop or a link into another
-    # class's folder lists nothing twice
-    seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in subdirs}
-    per_class = [(d.name, _walk_text(d, seen)) for d in subdirs]
-    per_class = [(name, files) for name, files in per_class if files]
-    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_text_name(p.name))
+    per_class, loose = scan_class_folders(root, _is_text_file, log=log, warn_key="text-loose-files",
+                                          noun="text file(s)", place="the folder")
     if per_class:
-        if loose:
-            warn_once(log, ("text-loose-files", os.path.realpath(root)),
-                      f"{root}: ignoring {len(loose)} text file(s) directly in the folder because "
-                      f"class subfolders exist, e.g. {loose[0]}")
         return [(p, name) for name, files in per_class for p in files]
     if not loose:
         raise ValueError(f"no text files under {root} (accepted: extensions "
@@ -210,10 +211,9 @@ def _report_bad(bad: Sequence[tuple[str, str]], what: str, root: Path) -> None:
             new.append((p, why))
     if not new:
         return
-    first = "; ".join(f"{p} ({why})" for p, why in new[:_WARN_FIRST])
-    more = f" and {len(new) - _WARN_FIRST} more" if len(new) > _WARN_FIRST else ""
+    more = f" and {len(new) - WARN_FIRST} more" if len(new) > WARN_FIRST else ""
     warn_once(log, ("text-unusable-files", frozenset(os.path.realpath(p) for p, _ in new)),
-              f"{root}: skipping {len(new)} unusable text file(s): {first}{more}")
+              f"{root}: skipping {len(new)} unusable text file(s): {name_files(new)}{more}")
 
 
 def _read_usable(files: Sequence[Path], what: str, root: Path
@@ -272,20 +272,6 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
         ids = list(chain.from_iterable(e.ids for e in encs))
         parts.append(np.asarray(ids, dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---- what a tokenizer was trained from (sidecar) -------------------------------------------
@@ -464,8 +450,8 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_path: str 
             "corpus": corpus}
     # tokenizer first, sidecar last: a sidecar always describes a complete tokenizer file, and a
     # tokenizer whose sidecar is missing or names another sha256 is known to be unrecorded
-    _atomic_write_text(out_path, text)
-    _atomic_write_text(tokenizer_meta_path(out_path), json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(out_path, text)
+    atomic_write_text(tokenizer_meta_path(out_path), json.dumps(meta, indent=1) + "\n")
     log.info("tokenizer: %d entries, trained in %.1f s, saved to %s", tok.get_vocab_size(),
              time.perf_counter() - t0, out_path)
     return tok
@@ -601,16 +587,15 @@ def _run_tokenizer(path: Path, files: Sequence[str | Path], vocab_size: int, *, 
 
 # ---- pretraining dataset ------------------------------------------------------------------
 
-MaskFn = Callable[[torch.Generator], torch.Tensor]
-
 
 class TextBlockDataset(torch.utils.data.Dataset):
     """Fixed token blocks of a concatenated corpus (see module docstring) with optional masks.
 
     `files`: paths (documents, in order) or a str/Path text source for `scan_text_source`.
     Attributes: root (common folder of the files), files (usable ones), bad_files
-    [(path, reason)] (named in a warning once per process), num_documents, num_tokens (stream length incl. one EOS per document, before
-    the incomplete tail block is dropped), block_size. len() = number of blocks.
+    [(path, reason)] (named in a warning once per process), num_documents, num_tokens (stream
+    length incl. one EOS per document, before the incomplete tail block is dropped), block_size.
+    len() = number of blocks.
     Item: {"tokens": int64 (block_size,) starting with BOS, "index": the virtual index v,
            "bad": [], "mask": bool (M, T) from mask_fn(generator), only when mask_fn is given}."""
 
@@ -673,34 +658,24 @@ class TextBlockDataset(torch.utils.data.Dataset):
 
     def item_generator(self, epoch: int, index: int) -> torch.Generator:
         """The generator that drives the masks of block `index` in `epoch`."""
-        return torch.Generator().manual_seed(derive_seed("text-item", self.seed, epoch, index))
+        return seeded_generator("text-item", self.seed, epoch, index)
 
     def __getitem__(self, v: int) -> dict[str, Any]:
-        v = operator.index(v)
-        if v < 0:
-            raise IndexError(f"TextBlockDataset: index must be >= 0 (virtual index "
-                             f"epoch * {self._n_blocks} + i), got {v}")
-        epoch, i = divmod(v, self._n_blocks)
-        item: dict[str, Any] = {"tokens": self.block(i), "index": v, "bad": []}
+        epoch, i = split_virtual_index(v, self._n_blocks, "TextBlockDataset")
+        item: dict[str, Any] = {"tokens": self.block(i), "index": epoch * self._n_blocks + i, "bad": []}
         if self.mask_fn is not None:
-            mask = self.mask_fn(self.item_generator(epoch, i))  # (M, T)
-            if mask.dim() != 2 or mask.dtype != torch.bool:
-                raise TypeError(f"TextBlockDataset: mask_fn must return a bool (M, T) tensor, "
-                                f"got {mask.dtype} {tuple(mask.shape)}")
-            item["mask"] = mask
+            g = self.item_generator(epoch, i)
+            item["mask"] = draw_mask(self.mask_fn, g, "TextBlockDataset")  # (M, T)
         return item
 
 
 class TextMaskFn:
     """Picklable per-item mask maker: generator -> bool (clone_batch, length), True = masked;
-    every row masks exactly length - int(length * (1 - mask_prob)) tokens (spec §3.5)."""
+    every row masks exactly length - int(length * (1 - mask_prob)) tokens (spec §3.5). Its settings
+    are the config's (data.tokens_per_sample or model.max_positions, masking.*), validated there:
+    length >= 2, clone_batch >= 1, 0 < mask_prob < 1; random_mask checks mask_prob when called."""
 
     def __init__(self, length: int, clone_batch: int, mask_prob: float) -> None:
-        if length < 1 or clone_batch < 1:
-            raise ValueError(f"TextMaskFn: length and clone_batch must be >= 1, got "
-                             f"length={length} clone_batch={clone_batch}")
-        if not 0.0 <= mask_prob < 1.0:
-            raise ValueError(f"TextMaskFn: mask_prob must be in [0, 1), got {mask_prob}")
         self.length = int(length)
         self.clone_batch = int(clone_batch)
         self.mask_prob = float(mask_prob)
@@ -787,20 +762,21 @@ class TextLineDataset(torch.utils.data.Dataset):
 
 
 class WordOrderDataset(torch.utils.data.Dataset):
-    """A word-order probe built from labelled lines: each example of `base` with at least
+    """A word-order probe built from labelled lines: each example of `base` with more than
     `min_tokens` tokens appears once, either as written (label 1) or with its tokens after <s> and
-    the first token randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly the same bag of
-    tokens, so features that ignore order (a bag of embeddings) score chance; above-chance accuracy
-    measures what the encoder learned about English word order from context."""
+    the first token randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly
+    the same bag of tokens, so features that ignore order (a bag of embeddings) score chance;
+    above-chance accuracy measures what the encoder learned about English word order from context."""
 
     classes = ["shuffled", "original"]
 
     def __init__(self, base: TextLineDataset, *, seed: int = 0, min_tokens: int = 8):
         self.base, self.root, self.seed = base, base.root, int(seed)
-        self.indices = [i for i in range(len(base)) if int(base._offsets[i + 1] - base._offsets[i]) > min_tokens]
+        lengths = base._offsets[1:] - base._offsets[:-1]  # (N,) tokens per example
+        self.indices = [i for i in range(len(base)) if int(lengths[i]) > min_tokens]
         if not self.indices:
             raise ValueError(f"WordOrderDataset: no line of {base.root} has more than {min_tokens} tokens")
-        g = torch.Generator().manual_seed(derive_seed("word-order", self.seed))
+        g = seeded_generator("word-order", self.seed)
         self.labels: list[int] = torch.randint(0, 2, (len(self.indices),), generator=g).tolist()
 
     def __len__(self) -> int:
@@ -809,7 +785,7 @@ class WordOrderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         tokens = self.base[self.indices[i]]["tokens"]
         if self.labels[i] == 0:
-            g = torch.Generator().manual_seed(derive_seed("word-order-item", self.seed, i))
+            g = seeded_generator("word-order-item", self.seed, i)
             # <s> and the first token stay: the first word is the one BPE token without a leading
             # space, so moving it would mark shuffled lines by position alone
             body = tokens[2:]
@@ -827,36 +803,24 @@ def collate_text(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Pretraining batch: tokens int64 (B, T); mask bool (B*M, T) sample-major (rows b*M ..
     b*M+M-1 belong to sample b), present when the items have masks; index int64 (B,) virtual
     indices; bad = flat list of failed paths (always empty for text)."""
-    if not items:
-        raise ValueError("collate_text: got an empty list of items")
+    check_items(items, "collate_text")
     lengths = {int(it["tokens"].shape[0]) for it in items}
     if len(lengths) != 1:
         raise ValueError(f"collate_text: items have different lengths {sorted(lengths)}")
     out: dict[str, Any] = {
         "tokens": torch.stack([it["tokens"] for it in items]),  # (B, T)
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),  # (B,)
-        "bad": [p for it in items for p in it.get("bad", [])],
+        "index": int64_column(items, "index"),  # (B,)
+        "bad": failed_paths(items),
     }
-    has_mask = ["mask" in it for it in items]
-    if any(has_mask):
-        if not all(has_mask):
-            raise ValueError("collate_text: some items have a 'mask' and some do not")
-        out["mask"] = torch.cat([it["mask"] for it in items], dim=0)  # (B*M, T)
+    mask = cat_masks(items, "collate_text")  # (B*M, T) or None
+    if mask is not None:
+        out["mask"] = mask
     return out
 
 
 def collate_text_eval(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Probe batch: tokens int64 (B, Lmax) right-padded with PAD_ID, padding_mask bool (B, Lmax)
     True = padding, label int64 (B,)."""
-    if not items:
-        raise ValueError("collate_text_eval: got an empty list of items")
-    B = len(items)
-    L = max(int(it["tokens"].shape[0]) for it in items)
-    tokens = torch.full((B, L), PAD_ID, dtype=torch.int64)  # (B, Lmax)
-    padding = torch.ones(B, L, dtype=torch.bool)  # (B, Lmax)
-    for b, it in enumerate(items):
-        n = int(it["tokens"].shape[0])
-        tokens[b, :n] = it["tokens"]
-        padding[b, :n] = False
-    return {"tokens": tokens, "padding_mask": padding,
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64)}
+    check_items(items, "collate_text_eval")
+    tokens, padding = pad_right([it["tokens"] for it in items], PAD_ID, torch.int64)  # (B, Lmax) x 2
+    return {"tokens": tokens, "padding_mask": padding, "label": int64_column(items, "label")}

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from d2v import ops
+from d2v.audio_frames import CONV_LAYERS, conv_output_length
 from d2v.blocks import Block, BlockEncoder
 from d2v.config import ModelConfig
 from d2v.masking import MaskInfo
@@ -30,30 +31,6 @@ from d2v.modalities.base import (
     key_padding_bias,
 )
 from d2v.modalities.decoders import ChannelLayerNorm, Decoder1d
-
-# (kernel, stride) of the 7 CNN layers: receptive field 400 samples (25 ms), stride 320 (20 ms)
-CONV_LAYERS: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
-RECEPTIVE_FIELD = 400
-
-
-def conv_output_length(num_samples: int) -> int:
-    """Frames the CNN produces from `num_samples` samples (0 if shorter than one receptive field)."""
-    n = num_samples
-    for k, s in CONV_LAYERS:
-        if n < k:
-            return 0
-        n = (n - k) // s + 1
-    return n
-
-
-class FeatureLength:
-    """Picklable samples -> frames map handed to the data loader (it builds masks per frame)."""
-
-    def __call__(self, num_samples: int) -> int:
-        return conv_output_length(num_samples)
-
-    def __repr__(self) -> str:
-        return "FeatureLength(stride 320, receptive field 400)"
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -100,7 +77,9 @@ class ConvPositionalEncoder(nn.Module):
         super().__init__()
         k = max(3, width // depth) if depth else 1
         self.layers = nn.ModuleList([
-            nn.Sequential(nn.Conv1d(dim, dim, k, padding=k // 2, groups=groups), ChannelLayerNorm(dim), nn.GELU())
+            nn.Sequential(
+                nn.Conv1d(dim, dim, k, padding=k // 2, groups=groups), ChannelLayerNorm(dim), nn.GELU()
+            )
             for _ in range(depth)
         ])
 
