@@ -1,9 +1,9 @@
 """End-to-end pretraining step throughput: full d2v side by side with each of its techniques turned
 off, the reference-style eager 2.0 step, and a data2vec 1.0-style step, on the same batch and model.
 
-Every row runs the real trainer's step (`Trainer._train_step` + the EMA update) in a fresh process,
-on one synthetic batch of the recipe's shapes (random images / waveforms / token ids, masks from the
-modality's own mask generator), repeated: data loading is not timed. The batch and its mask indices
+Every row runs the real trainer's step (`Trainer.train_step`: the optimizer step + the EMA update) in a
+fresh process, on one synthetic batch of the recipe's shapes (random images / waveforms / token ids, masks
+from the modality's own mask generator), repeated: data loading is not timed. The batch and its mask indices
 (make_maskinfo) are put on the device once, so the timed step is the model step (no host argsort, no
 host-to-device copy). Per row: `--warmup` steps, then `--repeats` timings of `--steps` steps each
 between device syncs; the median is reported with p20/p80 (interpolated quantiles). `--rounds R` runs
@@ -64,14 +64,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import (append_csv, append_markdown, device_slug, md_table, quantiles,  # noqa: E402
-                               ratio_md, results_dir, stamp, within_noise)
+from benchmarks.common import (  # noqa: E402
+    append_csv,
+    append_markdown,
+    device_slug,
+    md_table,
+    quantiles,
+    ratio_md,
+    results_dir,
+    stamp,
+    within_noise,
+)
 
 FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "modality", "flavor", "config",
-          "variant", "precision", "ops", "attention", "skip_masked", "head", "batch", "clones", "views", "tokens",
-          "params_m", "ms_median", "ms_p20", "ms_p80", "warmup", "repeats", "steps", "rounds", "views_per_s",
-          "samples_per_s", "unit", "unit_per_s", "gflop_per_step", "mfu", "peak_mib", "peak_kind", "d2v_speedup",
-          "set", "note"]
+          "variant", "precision", "ops", "attention", "skip_masked", "head", "batch", "clones", "views",
+          "tokens", "params_m", "ms_median", "ms_p20", "ms_p80", "warmup", "repeats", "steps", "rounds",
+          "views_per_s", "samples_per_s", "unit", "unit_per_s", "gflop_per_step", "mfu", "peak_mib",
+          "peak_kind", "d2v_speedup", "set", "note"]
 VARIANTS = ["d2v", "no_fused_ops", "no_mask_skip", "no_multi_mask", "no_sdpa", "no_bf16", "ref_eager_2.0",
             "d2v1", "compile"]
 UNITS = {"image": "images/s", "audio": "audio_s/s", "text": "tokens/s"}
@@ -139,7 +148,7 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
                                   adjust=mk.mask_prob_adjust, generator=g)
         return {"x": src, "mask": mask}, m.grid * m.grid, 1.0
     if m.modality == "audio":
-        from d2v.modalities.audio import conv_output_length
+        from d2v.audio_frames import conv_output_length
 
         L = cfg.data.max_sample_size
         T = conv_output_length(L)
@@ -222,21 +231,15 @@ def run_worker(spec: dict) -> dict:
             # on the device once: source (B, ...) and the mask indices of (B*M, T), built on the host here
             self.device_batch = (batch["x"].to(self.device), make_maskinfo(batch["mask"]).to(self.device))
 
-        def _next_batch(self, it):  # the trainer's per-step host argsort + copies are not the model step
-            return self.device_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(spec["config"], overrides + [f"train.out_dir={tmp}/run", "train.probe_after=false",
                                                        "data.num_workers=0"])
         tr = SyntheticTrainer(cfg, progress=False, device=str(dev))
-    it = iter(tr.loader)
     tr.model.train()
 
     def step():
-        out, _, _, _ = tr._train_step(it)
-        tr.step += 1
-        tr.teacher.update(tr.step)
-        return out
+        return tr.train_step(tr.device_batch).out  # the optimizer step + the EMA update
 
     def sync():
         if dev.type == "cuda":
@@ -293,7 +296,8 @@ def _spawn(spec: dict, threads: int) -> dict:
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
         tail = (res.stdout + res.stderr)[-3000:]
-        raise RuntimeError(f"variant {spec['variant']} of {spec['config']} failed (exit {res.returncode}):\n{tail}")
+        raise RuntimeError(f"variant {spec['variant']} of {spec['config']} failed "
+                           f"(exit {res.returncode}):\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -313,8 +317,9 @@ def make_row(st: dict, spec: dict, results: list[dict], cuda: bool) -> dict:
     note = r["mode"]
     if cuda and r["precision"] == "fp32":
         note += f"; TF32 {r['tf32']}"
-    return {"precision": r["precision"], "ops": spec["ops"] + ": " + r["ops_impl"], "attention": r["attention"],
-            "skip_masked": r["skip_masked"], "head": r["head"], "tokens": r["tokens"],
+    return {"precision": r["precision"], "ops": spec["ops"] + ": " + r["ops_impl"],
+            "attention": r["attention"], "skip_masked": r["skip_masked"], "head": r["head"],
+            "tokens": r["tokens"],
             "params_m": f"{r['params_m']:.2f}", "ms_median": f"{med:.2f}", "ms_p20": f"{p20:.2f}",
             "ms_p80": f"{p80:.2f}", "views_per_s": f"{views * 1e3 / med:.1f}", "samples_per_s": f"{sps:.1f}",
             "unit_per_s": f"{sps * r['unit_per_sample']:.1f}", "gflop_per_step": f"{r['flops'] / 1e9:.2f}",
@@ -338,8 +343,8 @@ def add_speedups(group: list[dict]) -> None:
 def write_results(rows: list[dict], st: dict, out: Path, run: str) -> list[Path]:
     csv_path, md_path = out / "train_step.csv", out / "train_step.md"
     append_csv(csv_path, FIELDS, rows)
-    cols = ["modality", "flavor", "variant", "precision", "batch", "clones", "ms_median", "views_per_s", "unit",
-            "unit_per_s", "gflop_per_step", "mfu", "peak_mib", "d2v_speedup", "note"]
+    cols = ["modality", "flavor", "variant", "precision", "batch", "clones", "ms_median", "views_per_s",
+            "unit", "unit_per_s", "gflop_per_step", "mfu", "peak_mib", "d2v_speedup", "note"]
     threads = f"{st['threads']} threads | " if st["threads"] != "" else ""
     head = (f"\n## {st['date']} {st['device']} | torch {st['torch']} | triton {st['triton']} | "
             f"Python {st['python']} | {threads}git {st['git_sha']}\n\n{run}; d2v_speedup marked ~ when the "
@@ -367,8 +372,8 @@ def plot(rows: list[dict], thr_png: Path, spd_png: Path, st: dict) -> list[Path]
             rs = [r for r in rows if r["modality"] == mod and r["flavor"] == fl
                   and r[key] != "" and math.isfinite(float(r[key]))]  # failed variants: no bar
             names, vals = [r["variant"] for r in rs], [float(r[key]) for r in rs]
-            colors = ["tab:green" if n == "d2v" else "tab:red" if n in ("d2v1", "ref_eager_2.0") else "tab:gray"
-                      for n in names]
+            colors = ["tab:green" if n == "d2v" else "tab:red" if n in ("d2v1", "ref_eager_2.0")
+                      else "tab:gray" for n in names]
             ax.barh(names[::-1], vals[::-1], color=colors[::-1])
             for y, v in enumerate(vals[::-1]):
                 ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
@@ -401,18 +406,21 @@ def _user_overrides(items: list[str]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modalities", nargs="+", default=["image", "audio", "text"], choices=["image", "audio", "text"])
+    ap.add_argument("--modalities", nargs="+", default=["image", "audio", "text"],
+                    choices=["image", "audio", "text"])
     ap.add_argument("--flavors", nargs="+", default=["tiny"], help="recipes configs/<flavor>_<modality>.yaml")
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
                     help="rows to run (default: all; on CPU all but compile, a minutes-long build)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=0, help="samples per step of the d2v row (0: the recipe's)")
-    ap.add_argument("--clones", type=int, default=0, help="masks per sample M of the d2v row (0: the recipe's)")
+    ap.add_argument("--clones", type=int, default=0,
+                    help="masks per sample M of the d2v row (0: the recipe's)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps (0: 10 on GPU, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats (0: 5 on GPU, 3 on CPU)")
     ap.add_argument("--steps", type=int, default=0, help="steps per timed repeat (0: 10 on GPU, 3 on CPU)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run every variant this many times, interleaved, each in a fresh process; pool the timings")
+                    help="run every variant this many times, interleaved, each in a fresh process; "
+                    "pool the timings")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: unchanged)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help=f"extra config overrides for every row (not {', '.join(VARIANT_KEYS)}: refused)")
@@ -464,7 +472,8 @@ def main(argv=None) -> int:
                     results[name].append(_spawn(spec, a.threads))
                 except Exception as e:  # noqa: BLE001 - an OOM or crash of one variant must not lose the run
                     errors[name] = _error_line(e)
-                    print(f"{modality}/{flavor} {name}: FAILED in round {rnd + 1}: {e}", file=sys.stderr, flush=True)
+                    print(f"{modality}/{flavor} {name}: FAILED in round {rnd + 1}: {e}",
+                          file=sys.stderr, flush=True)
         group = []
         for name, spec in specs.items():
             row = {**st, "modality": modality, "flavor": flavor, "config": str(cfg_path.relative_to(ROOT)),
@@ -477,9 +486,10 @@ def main(argv=None) -> int:
                 row.update({k: "nan" for k in NUMERIC}, note=f"FAILED: {errors[name]}")
             else:
                 row.update(make_row(st, spec, results[name], cuda))
-                print(f"{modality}/{flavor} {name:14s} {row['ms_median']:>9s} ms/step  {row['views_per_s']:>9s} "
-                      f"views/s  {row['unit_per_s']:>10s} {UNITS[modality]}  {row['gflop_per_step']} GFLOP  "
-                      f"peak {row['peak_mib']} MiB  loss {row.pop('_loss'):.3f}", flush=True)
+                print(f"{modality}/{flavor} {name:14s} {row['ms_median']:>9s} ms/step  "
+                      f"{row['views_per_s']:>9s} views/s  {row['unit_per_s']:>10s} {UNITS[modality]}  "
+                      f"{row['gflop_per_step']} GFLOP  peak {row['peak_mib']} MiB  "
+                      f"loss {row.pop('_loss'):.3f}", flush=True)
             if a.quick:
                 row["note"] += "; quick smoke run"
             group.append(row)

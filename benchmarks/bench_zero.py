@@ -3,7 +3,7 @@ holds (student params, fp32 master + optimizer states, teacher) and the per-rank
 (CUDA: max allocated; CPU: peak RSS of the process, which includes Python, torch and the data).
 
 Each (config, world size, stage) runs in fresh processes (torch.multiprocessing, gloo on CPU, NCCL
-on GPU): `--warmup` steps, then `--steps` timed optimizer steps through the same `_train_step` the
+on GPU): `--warmup` steps, then `--steps` timed optimizer steps through the same `Trainer.train_step` the
 trainer runs (no checkpoints, no logging). Rows go to benchmarks/results/zero.csv and one markdown
 table per run to benchmarks/results/zero.md, each with device, date, versions and git sha.
 
@@ -62,13 +62,13 @@ def _worker(rank, world, port, args, config, stage, out_file):
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     from d2v.config import load_config
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     over = ["engine.name=deepspeed", f"engine.zero_stage={stage}", f"train.batch_size={args.batch}",
             f"masking.clone_batch={args.clones}", f"train.precision={args.precision}", "data.num_workers=0",
             f"train.out_dir={tempfile.mkdtemp()}", "train.probe_after=false",
             f"data.path={args.data_path or 'null'}"]  # null: the embedded digits, resized to the recipe
-    tr = DeepSpeedTrainer(load_config(ROOT / "configs" / f"{config}_image.yaml", over), progress=False)
+    tr = Trainer(load_config(ROOT / "configs" / f"{config}_image.yaml", over), progress=False)
     tr.model.train()
     it = iter(tr.loader)
     dev = tr.device
@@ -77,9 +77,7 @@ def _worker(rank, world, port, args, config, stage, out_file):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        tr._train_step(it)
-        tr.step += 1
-        tr.teacher.update(tr.step)
+        tr.train_step([next(it) for _ in range(tr.micro_steps)])  # the optimizer step + the EMA update
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -141,10 +139,10 @@ def main() -> None:
     csv_path, md_path = out_dir / CSV_NAME, out_dir / MD_NAME
     append_csv(csv_path, FIELDS, rows)
     threads = "/".join(sorted({str(r["threads"]) for r in rows}))
-    append_markdown(md_path, [f"\n## {env['date']} {env['device']} | torch {env['torch']} | Python {env['python']} | "
-                              f"deepspeed {env['deepspeed']} | git {env['git_sha']} | {threads} thread(s) per rank | "
-                              f"{args.warmup} warmup + {args.steps} timed steps; ms = per-step max over ranks\n",
-                              *md_table(COLS, rows)])
+    head = (f"\n## {env['date']} {env['device']} | torch {env['torch']} | Python {env['python']} | "
+            f"deepspeed {env['deepspeed']} | git {env['git_sha']} | {threads} thread(s) per rank | "
+            f"{args.warmup} warmup + {args.steps} timed steps; ms = per-step max over ranks\n")
+    append_markdown(md_path, [head, *md_table(COLS, rows)])
     print(f"wrote {csv_path} and {md_path}")
 
 

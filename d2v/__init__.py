@@ -1,12 +1,14 @@
 """d2v: fast data2vec 2.0 self-supervised pretraining.
 
 Public API: `d2v.ops` (fused ops), `d2v.masking` (mask generators), `Config`/`load_config`,
-`build_model`, `d2v.engine.make_trainer` (the single-process `d2v.trainer.Trainer` or the DeepSpeed
-`d2v.engine.DeepSpeedTrainer`). CLI: `d2v pretrain | probe | export` (also `python -m d2v`).
+`build_model`, `d2v.trainer.Trainer` / `make_trainer` (the loop; the backend engine.name selects runs
+the step: d2v.backends), `d2v.weights.load_weights`. CLI: `d2v pretrain | probe | export | config`
+(also `python -m d2v`).
 """
 __version__ = "0.1.0"
 
 from d2v.config import Config, ConfigError, load_config  # noqa: E402
-from d2v.registry import build_model, list_flavors  # noqa: E402
+from d2v.model import build_model  # noqa: E402
+from d2v.registry import list_flavors  # noqa: E402
 
 __all__ = ["Config", "ConfigError", "load_config", "build_model", "list_flavors", "__version__"]

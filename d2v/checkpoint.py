@@ -531,15 +531,3 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, Path]:
         raise CheckpointError(f"cannot read checkpoint {ck}: {CONFIG_FILE} is corrupt (not a mapping); "
                               f"{_instead(ck.parent, ck)}")
     return state, config, ck
-
-
-def load_weights(path: str | Path) -> tuple[dict, dict, Path]:
-    """Like load_checkpoint, for either engine: state["model"] and state["teacher"] are consolidated
-    fp32 state dicts (a DeepSpeed checkpoint is consolidated with zero_to_fp32, see d2v/engine.py)."""
-    state, config, ck = load_checkpoint(path)
-    if state.get("engine") == "deepspeed":
-        from d2v.engine import consolidate
-
-        state = dict(state)
-        state["model"], state["teacher"] = consolidate(state, ck)
-    return state, config, ck

@@ -14,7 +14,7 @@ Exit codes: 0 done; 2 a usage, config, data or checkpoint error (one line naming
 SIGINT after writing a checkpoint (resume with --resume); 130 interrupted at once (a second Ctrl-C, or
 Ctrl-C outside the training loop; the last complete checkpoint is kept).
 
-On several processes (the DeepSpeed engine, d2v/engine.py):
+On several processes (engine.name=deepspeed or ddp: d2v/backends/):
   deepspeed --num_gpus N --module d2v pretrain --config ...   (add --hostfile FILE for several nodes)
   torchrun --nproc_per_node N -m d2v pretrain --config ...
 """
@@ -41,8 +41,8 @@ log = get_logger("d2v.cli")
 
 def _pretrain(args) -> int:
     from d2v.config import load_config
-    from d2v.engine import make_trainer
     from d2v.probe import UnlabelledData, format_probe, run_probe
+    from d2v.trainer import make_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = make_trainer(cfg, resume=args.resume, progress=not (args.no_progress or args.quiet),
@@ -60,17 +60,22 @@ def _pretrain(args) -> int:
         print(f"\nthe run in {cfg.train.out_dir} was already complete at step {summary['steps']} (a longer "
               f"train.max_steps continues it with a re-stretched cosine schedule: see "
               f"train.allow_schedule_change)")
-    print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['wall_s']:.0f} s, "
-          f"{summary['samples_per_s']:.1f} {SAMPLE_UNIT[cfg.model.modality]}/s | loss {f.get('loss', float('nan')):.4f} "
+    print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) "
+          f"in {summary['wall_s']:.0f} s, "
+          f"{summary['samples_per_s']:.1f} {SAMPLE_UNIT[cfg.model.modality]}/s | "
+          f"loss {f.get('loss', float('nan')):.4f} "
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
-          f"target_var {f.get('target_var', float('nan')):.3f} pred_var {f.get('pred_var', float('nan')):.3f}")
+          f"target_var {f.get('target_var', float('nan')):.3f} "
+          f"pred_var {f.get('pred_var', float('nan')):.3f}")
+    curve = summary["loss_curve"] or "not drawn (no logged steps, or matplotlib is not installed)"
     print(f"  checkpoint: {summary['checkpoint']}\n  metrics: {summary['metrics_csv']}\n"
-          f"  loss curve: {summary['loss_curve'] or 'not drawn (no logged steps, or matplotlib is not installed)'}")
+          f"  loss curve: {curve}")
     if summary.get("skipped_steps"):
         print(f"  skipped {summary['skipped_steps']} step(s) with a non-finite loss")
     bad = summary["unreadable_files"]
     if bad:
-        print(f"  skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        print(f"  skipped {len(bad)} unreadable file(s): "
+              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     if cfg.train.probe_after and not args.no_probe:
         log.info("\nprobing (frozen features, logistic regression) ...")
         try:
@@ -91,7 +96,7 @@ def _probe(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from d2v.checkpoint import load_weights
+    from d2v.weights import load_weights
 
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
@@ -134,7 +139,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="a recipe name (tiny_image, base_audio, ...) or a YAML file")
+    p.add_argument("--config", required=True,
+                   help="a recipe name (tiny_image, base_audio, ...) or a YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 (keys: "
                    "`d2v config --config X` prints them all with their values)")
 
@@ -150,7 +156,8 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     pt.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.set_defaults(fn=_pretrain)
-    pr = argparse.ArgumentParser(prog="d2v probe", description="linear probe of a checkpoint vs a random init")
+    pr = argparse.ArgumentParser(prog="d2v probe",
+                                 description="linear probe of a checkpoint vs a random init")
     pr.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     pr.add_argument("--pool", choices=("mean", "cls"), default=None,
                     help="pool the encoder's outputs by their mean or take the CLS token (default: the "
@@ -159,8 +166,8 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     pr.add_argument("--json", action="store_true", help="print the result as JSON")
     pr.set_defaults(fn=_probe)
     ex = argparse.ArgumentParser(prog="d2v export", description="write consolidated fp32 student + teacher "
-                                 "weights and config to one .pt file (DeepSpeed checkpoints via zero_to_fp32; "
-                                 "loads without it)")
+                                 "weights and config to one .pt file (DeepSpeed checkpoints via "
+                                 "zero_to_fp32; loads without it)")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     ex.add_argument("--out", required=True, help="the .pt file to write")
     ex.set_defaults(fn=_export)
@@ -176,8 +183,8 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top level: global options, then a command whose own arguments (`args`) its parser reads."""
-    p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining. Commands: pretrain, probe, "
-                                "export, config (`d2v COMMAND --help` for each).")
+    p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining. Commands: pretrain, "
+                                "probe, export, config (`d2v COMMAND --help` for each).")
     p.add_argument("--version", action="version", version="%(prog)s")  # replaced in main (imports torch)
     # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
     # environment it also sets: d2v reads those)

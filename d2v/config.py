@@ -53,7 +53,8 @@ class _Check:
     def at_least(self, key: str, value: Any, lo: int | float, null_ok: bool = False) -> bool:
         if value is None and null_ok:
             return True
-        return value >= lo or self.fail(f"{key} must be >= {lo}{' or null' if null_ok else ''}, got {value!r}")
+        return value >= lo or self.fail(
+            f"{key} must be >= {lo}{' or null' if null_ok else ''}, got {value!r}")
 
     def positive(self, key: str, value: Any, null_ok: bool = False) -> bool:
         if value is None and null_ok:
@@ -127,11 +128,15 @@ class ModelConfig:
     num_extra_tokens: int = 1  # learned CLS tokens prepended after masking (image only; others: 0)
     # teacher sharing (spec §5): which student parts the EMA teacher copies
     ema_encoder_only: bool = False  # teacher = EMA main blocks only, fed the student's features (text)
-    ema_local_encoder: bool = True  # teacher has its own EMA feature extractor (image) or reuses the student's (audio)
+    # teacher has its own EMA feature extractor (image) or reuses the student's (audio)
+    ema_local_encoder: bool = True
     # how the step is computed (data2vec 2.0 defaults; the others are the ablation / data2vec 1.0 modes)
-    attention: str = "sdpa"  # "sdpa" (fused scaled_dot_product_attention) | "eager" (softmax(q k^T) v, as the reference)
-    skip_masked: bool = True  # student encodes kept tokens only; false: full length, masked tokens = learned embedding
-    head: str = "decoder"  # "decoder" (2.0 conv decoder) | "linear" (data2vec 1.0: a Linear on the student's masked outputs)
+    # "sdpa" (fused scaled_dot_product_attention) | "eager" (softmax(q k^T) v, as the reference)
+    attention: str = "sdpa"
+    # student encodes kept tokens only; false: full length, masked tokens = learned embedding
+    skip_masked: bool = True
+    # "decoder" (2.0 conv decoder) | "linear" (data2vec 1.0: a Linear on the student's masked outputs)
+    head: str = "decoder"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def validate(self, p: str, c: _Check) -> None:
@@ -143,8 +148,8 @@ class ModelConfig:
                    f"set {p}.skip_masked: false")
         # every key on its own first (the same bounds whatever the modality), then the keys it must fit
         ok = {k: c.at_least(f"{p}.{k}", getattr(self, k), 1)
-              for k in ("image_size", "patch_size", "in_chans", "conv_dim", "conv_pos_width", "conv_pos_groups",
-                        "embed_dim", "depth", "num_heads")}
+              for k in ("image_size", "patch_size", "in_chans", "conv_dim", "conv_pos_width",
+                        "conv_pos_groups", "embed_dim", "depth", "num_heads")}
         c.at_least(f"{p}.conv_pos_depth", self.conv_pos_depth, 0)
         c.at_least(f"{p}.vocab_size", self.vocab_size, 8)
         c.at_least(f"{p}.max_positions", self.max_positions, 2)
@@ -159,7 +164,8 @@ class ModelConfig:
         d.validate(f"{p}.decoder", c)
         if ok["embed_dim"] and ok["num_heads"]:
             c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.num_heads", self.num_heads)
-        if ok["embed_dim"] and self.head == "decoder" and d.groups >= 1:  # the first decoder conv reads D channels
+        # the first decoder conv reads D channels
+        if ok["embed_dim"] and self.head == "decoder" and d.groups >= 1:
             c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.decoder.groups", d.groups)
         if self.modality == "image" and ok["image_size"] and ok["patch_size"]:
             if self.image_size % self.patch_size:
@@ -288,11 +294,13 @@ class DataConfig:
     min_sample_size: Optional[int] = None  # audio: skip shorter files (samples); null = one CNN frame (400)
     normalize: bool = True  # audio: per-utterance zero mean, unit variance
     tokenizer: Optional[str] = None  # text: tokenizer.json; null = the run's own (trained on data.path)
-    tokens_per_sample: Optional[int] = None  # text: pretraining block length incl. <s>; null = model.max_positions
+    # text: pretraining block length incl. <s>; null = model.max_positions
+    tokens_per_sample: Optional[int] = None
     num_workers: int = 2  # DataLoader worker processes
 
     def validate(self, p: str, c: _Check) -> None:
-        ok = [c.range(f"{p}.crop_scale[{i}]", v, 0.0, 1.0, lo_open=True) for i, v in enumerate(self.crop_scale)]
+        ok = [c.range(f"{p}.crop_scale[{i}]", v, 0.0, 1.0, lo_open=True)
+              for i, v in enumerate(self.crop_scale)]
         if all(ok) and self.crop_scale[0] > self.crop_scale[1]:
             c.fail(f"{p}.crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
         ok = [c.positive(f"{p}.crop_ratio[{i}]", v) for i, v in enumerate(self.crop_ratio)]
@@ -315,14 +323,14 @@ class ProbeConfig:
         c.choice(f"{p}.pool", self.pool, ("mean", "cls"))
         c.at_least(f"{p}.shots", self.shots, 1)
         c.at_least(f"{p}.seed", self.seed, 0)
-ENGINES = ("auto", "single", "deepspeed")
+ENGINES = ("auto", "single", "deepspeed", "ddp", "fsdp2")
 OPTIMIZERS = ("torch_adamw", "deepspeed_adam", "apex_fused_adam")
 
 
 @dataclass(kw_only=True)
 class EngineConfig:
     # "auto" = deepspeed when launched by the deepspeed launcher or torchrun (WORLD_SIZE/LOCAL_RANK set)
-    name: str = "auto"  # "auto" | "single" (d2v/trainer.py) | "deepspeed" (d2v/engine.py)
+    name: str = "auto"  # "auto" | "single" | "deepspeed" | "ddp" | "fsdp2": the backend (d2v/backends/)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3
     grad_accum_steps: int = 1  # micro-batches of train.batch_size per rank per optimizer step
     activation_checkpointing: bool = False  # recompute each main block in the backward pass
@@ -372,9 +380,13 @@ class Config:
         if m.modality == "text" and (self.data.tokens_per_sample or 0) > m.max_positions:
             c.fail(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
                    f"model.max_positions ({m.max_positions})")
-        if self.train.precision == "fp16" and self.engine.name == "single":
-            c.fail("train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
-                   "auto; the single-process engine supports fp32 and bf16")
+        if self.train.precision == "fp16" and self.engine.name in ("single", "ddp", "fsdp2"):
+            c.fail(f"train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
+                   f"auto; the {self.engine.name} backend supports fp32 and bf16")
+        if self.train.compile and self.engine.name in ("deepspeed", "ddp", "fsdp2"):
+            label = "DeepSpeed engine" if self.engine.name == "deepspeed" else f"{self.engine.name} backend"
+            c.fail(f"train.compile: the {label} does not compile the step (untested under its hooks); "
+                   f"use engine.name=single or train.compile=false")
         if m.modality != "image" and m.num_extra_tokens != 0:
             c.fail(f"model.num_extra_tokens ({m.num_extra_tokens}): {m.modality} models have no "
                    f"extra (CLS) tokens, as in the reference; only image models do")
@@ -412,8 +424,12 @@ class Config:
         if modality not in MODALITIES:
             raise ConfigError(f"model.modality: expected one of {list(MODALITIES)}, got {modality!r}")
         flavor = model.get("flavor", ModelConfig().flavor)
-        d = _deep_merge(modality_defaults(modality), d)
-        d["model"] = _deep_merge(flavor_defaults(flavor, modality, key="model.flavor"), model)
+        d = deep_merge(modality_defaults(modality), d)
+        try:
+            preset = flavor_defaults(flavor, modality, key="model.flavor")
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+        d["model"] = deep_merge(preset, model)
         errors: list[str] = []
         cfg = _build(cls, d, "", errors)
         if errors:  # unknown keys and wrong types, all of them, before the value checks
@@ -429,10 +445,10 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -519,7 +535,7 @@ def _build(cls: type, d: dict, prefix: str, errors: list[str]) -> Any:
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
-    out = _deep_merge({}, d or {})
+    out = deep_merge({}, d or {})
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
@@ -552,17 +568,17 @@ RESUME_MAY_CHANGE = {"train.max_steps", "train.log_every", "train.ckpt_every", "
                      "engine.name"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
 
 def check_resume_config(saved: dict, current: dict, ck) -> None:
     """Raise if `current` differs from the checkpoint's `saved` config in a key outside RESUME_MAY_CHANGE."""
     saved = {"engine": dataclasses.asdict(EngineConfig()), **saved}  # runs saved before engine.* existed
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])

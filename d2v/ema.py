@@ -26,7 +26,7 @@ class EMATeacher:
     """Owns the teacher module; `update(step)` runs after optimizer step `step` (1-based) and moves the
     teacher towards the student it was built from: its fp32 parameters, which are what the optimizer
     updates (engines that keep low-precision module copies pair the teacher with their fp32 master
-    weights instead: d2v.engine)."""
+    weights instead: d2v.backends.deepspeed.ema)."""
 
     source = "fp32 module weights (they are the masters; no communication)"  # what the banner reports
 

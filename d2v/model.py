@@ -228,3 +228,8 @@ class Data2Vec2(nn.Module):
             out["target_var"] = _std_over_tokens(y_m.reshape(-1, D))
             out["pred_var"] = _std_over_tokens(p_m.reshape(-1, D))
         return out
+
+
+def build_model(cfg) -> Data2Vec2:
+    """Build the student Data2Vec2 for a full Config (seed the RNG first for a reproducible init)."""
+    return Data2Vec2(cfg.model, cfg.objective)

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2v.checkpoint import load_weights
 from d2v.config import Config
 from d2v.data.build import ProbeTask, build_probe_tasks
 from d2v.log import get_logger
-from d2v.registry import build_model
-from d2v.trainer import seed_everything
+from d2v.model import build_model
+from d2v.rng import seed_everything
+from d2v.weights import load_weights
 
 log = get_logger(__name__)
 
@@ -349,5 +349,6 @@ def format_probe(res: dict) -> str:
                   f"  {'encoder':<12} {'full':>7} {key:>8}"]
         for name in ("pretrained", "teacher", "random_init"):
             lines.append(f"  {name:<12} {r[name]['full']:>6.1f}% {r[name][key]:>7.1f}%")
-        lines.append(f"  gain over random init: full {r['gain_full']:+.1f} pts, {key} {r['gain_' + key]:+.1f} pts")
+        lines.append(f"  gain over random init: full {r['gain_full']:+.1f} pts, "
+                     f"{key} {r['gain_' + key]:+.1f} pts")
     return "\n".join(lines)

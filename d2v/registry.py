@@ -5,6 +5,8 @@ Values for base/large are the reference's (fairseq data2vec 2.0 v2 task configs)
 sections get per-modality defaults (`modality_defaults`), so `model: {modality: audio}` alone gives
 the reference's audio masking, targets, EMA and optimizer settings.
 
+Pure data: this module imports nothing of d2v (the model is built by d2v.model.build_model).
+
 References: timm models/_registry.py; torchtitan model_registry (a debug flavor that runs on CPU).
 """
 from __future__ import annotations
@@ -41,7 +43,8 @@ _FLAVORS: dict[str, dict[str, dict]] = {
         # ViT-L/16: 24 main blocks, no prenet, decoder 3 x (1024, k5, groups 16)
         "large": dict(image_size=224, patch_size=16, embed_dim=1024, depth=24, prenet_depth=0, num_heads=16,
                       mlp_ratio=4.0, norm_eps=1e-6,
-                      decoder=dict(dim=1024, kernel=5, layers=3, groups=16, residual=True, input_dropout=0.0)),
+                      decoder=dict(dim=1024, kernel=5, layers=3, groups=16, residual=True,
+                                   input_dropout=0.0)),
     },
     "audio": {
         # CPU recipe: 64-channel CNN (same 7 layers, stride 320), D 128, 4 blocks, 2 positional convs (k 19)
@@ -105,19 +108,11 @@ def modality_defaults(modality: str) -> dict:
 
 
 def flavor_defaults(flavor: str, modality: str = "image", key: str = "model.flavor") -> dict:
-    """The ModelConfig fields of a registered flavor (a fresh copy)."""
-    from d2v.config import ConfigError
-
+    """The ModelConfig fields of a registered flavor (a fresh copy); KeyError with a message naming
+    `key` and the registered flavors for an unknown one (config.py turns it into a ConfigError)."""
     table = _FLAVORS.get(modality)
     if table is None:
-        raise ConfigError(f"model.modality: no flavors registered for {modality!r}")
+        raise KeyError(f"model.modality: no flavors registered for {modality!r}")
     if flavor not in table:
-        raise ConfigError(f"{key}: unknown flavor {flavor!r}; registered: {', '.join(sorted(table))}")
+        raise KeyError(f"{key}: unknown flavor {flavor!r}; registered: {', '.join(sorted(table))}")
     return dict(copy.deepcopy(table[flavor]), flavor=flavor, modality=modality)
-
-
-def build_model(cfg):
-    """Build the student Data2Vec2 for a full Config (seed the RNG first for a reproducible init)."""
-    from d2v.model import Data2Vec2
-
-    return Data2Vec2(cfg.model, cfg.objective)

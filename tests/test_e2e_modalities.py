@@ -77,7 +77,8 @@ def write_text_folder(root: Path, lines_per_class=30):
     for cls, sentence in TOPICS.items():
         (root / cls).mkdir(parents=True)
         words = sentence.split()
-        lines = [" ".join(rng.permutation(words)[: rng.randint(6, len(words))]) for _ in range(lines_per_class)]
+        lines = [" ".join(rng.permutation(words)[: rng.randint(6, len(words))])
+                 for _ in range(lines_per_class)]
         (root / cls / "a.txt").write_text("\n".join(lines) + "\n")
     (root / "cooking" / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (root / "sailing" / "empty.txt").write_text("   \n")

@@ -8,7 +8,7 @@ import torch
 
 from d2v.config import Config
 from d2v.ema import EMATeacher, ema_decay
-from d2v.registry import build_model
+from d2v.model import build_model
 
 
 def test_decay_schedule_linear_ramp():

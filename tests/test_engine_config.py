@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2v.backends import backend_name
+from d2v.backends.deepspeed.config import deepspeed_config
 from d2v.config import ConfigError, check_resume_config, load_config
-from d2v.engine import build_optimizer, deepspeed_config, use_deepspeed
+from d2v.optim import build_optimizer
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_image.yaml"
 
@@ -75,13 +77,15 @@ def test_engine_validation():
 
 
 @pytest.mark.parametrize("override", ["engine.grad_accum_steps=4", "engine.zero_stage=2",
-                                      "engine.activation_checkpointing=true", "engine.optimizer=deepspeed_adam"])
+                                      "engine.activation_checkpointing=true",
+                                      "engine.optimizer=deepspeed_adam", "engine.max_nonfinite_steps=3"])
 def test_single_trainer_refuses_deepspeed_only_keys(tmp_path, override):
     """The single-process trainer would ignore these keys: it names them and builds nothing."""
     from d2v.trainer import Trainer
 
     c = cfg(override, "engine.name=single", f"train.out_dir={tmp_path / 'run'}")
-    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*only the DeepSpeed engine"):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.*the single backend does not implement.*deepspeed"):
         Trainer(c, progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -89,10 +93,11 @@ def test_single_trainer_refuses_deepspeed_only_keys(tmp_path, override):
 def test_auto_engine_follows_the_launcher(monkeypatch):
     for k in ("WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    assert not use_deepspeed(cfg())
-    assert use_deepspeed(cfg("engine.name=deepspeed"))
+    assert backend_name(cfg()) == "single"
+    assert backend_name(cfg("engine.name=deepspeed")) == "deepspeed"
+    assert backend_name(cfg("engine.name=ddp")) == "ddp"
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert use_deepspeed(cfg()) and not use_deepspeed(cfg("engine.name=single"))
+    assert backend_name(cfg()) == "deepspeed" and backend_name(cfg("engine.name=single")) == "single"
 
 
 def test_apex_absent_is_a_clear_error():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from d2v.metrics import read_metrics
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -169,14 +169,14 @@ def _worker(rank, port, root):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0", D2V_CACHE=os.environ["D2V_CACHE"])
     torch.set_num_threads(1)
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     root = Path(root)
     out = {}
     for stage in STAGES:
         rec = {"update_collectives": []}
         # full run, with the reference EMA
-        tr = DeepSpeedTrainer(_cfg(root / f"z{stage}" / "a", stage), progress=False)
+        tr = Trainer(_cfg(root / f"z{stage}" / "a", stage), progress=False)
         rec["banner_params"] = re.search(r"([\d.]+)M student params", tr.banner()).group(1)
         ref = _track_ema(tr, stage, rec)
         tr.train()
@@ -191,7 +191,7 @@ def _worker(rank, port, root):
             torch.save({"student": student_a, "teacher": teacher_a}, root / f"z{stage}" / "full_a.pt")
         # crash after step 6 (checkpoint at 4), then resume
         cfg_b = _cfg(root / f"z{stage}" / "b", stage)
-        tb = DeepSpeedTrainer(cfg_b, progress=False)
+        tb = Trainer(cfg_b, progress=False)
         orig = tb.teacher.update
 
         def crash(step, _orig=orig):
@@ -205,7 +205,7 @@ def _worker(rank, port, root):
             tb.train()
         except Crash:
             pass
-        tc = DeepSpeedTrainer(cfg_b, resume=True, progress=False)
+        tc = Trainer(cfg_b, resume=True, progress=False)
         rec["resumed_at"] = tc.step
         tc.train()
         sc, tcs = _full_student(tc, stage), _full_teacher(tc, stage)
@@ -225,7 +225,7 @@ def _worker(rank, port, root):
         if stage == 2:
             (root / f"ac{rank}.json").write_text(json.dumps(AC_JSON))
             extra = {"engine.ds_config": str(root / f"ac{rank}.json")}
-        tr = DeepSpeedTrainer(_cfg(root / f"f{stage}", stage, **FEATURES, **extra), progress=False)
+        tr = Trainer(_cfg(root / f"f{stage}", stage, **FEATURES, **extra), progress=False)
         from deepspeed.runtime.activation_checkpointing import checkpointing
 
         rec["ac_settings"] = (checkpointing.SYNCHRONIZE, checkpointing.num_layers)
@@ -238,10 +238,10 @@ def _worker(rank, port, root):
             pairs = zip(tr.optimizer.fp16_groups, tr.optimizer.fp32_groups)  # (module param, fp32 master)
             rec["masters"] = {name[id(lp)]: hp.detach().clone() for lo, hi in pairs for lp, hp in zip(lo, hi)}
         out[f"f{stage}"] = rec
-    out["bf16"] = _bf16_runs(DeepSpeedTrainer, root)
-    out["nan"] = _nan_runs(DeepSpeedTrainer, root, rank)
-    out["nan_accum"] = _nan_accum_runs(DeepSpeedTrainer, root)
-    out["killed_save"] = _killed_mid_checkpoint(DeepSpeedTrainer, root)
+    out["bf16"] = _bf16_runs(Trainer, root)
+    out["nan"] = _nan_runs(Trainer, root, rank)
+    out["nan_accum"] = _nan_accum_runs(Trainer, root)
+    out["killed_save"] = _killed_mid_checkpoint(Trainer, root)
     torch.save(out, root / f"rank{rank}.pt")
 
 
@@ -309,14 +309,14 @@ def _killed_mid_checkpoint(trainer_cls, root):
 
     cfg = _cfg(root / "killed", 1)
     tr = trainer_cls(cfg, progress=False)
-    save = tr.engine.save_checkpoint
+    save = tr.backend.engine.save_checkpoint
 
     def save_then_die(path, *a, **kw):
         save(path, *a, **kw)
         if tr.step == STEPS:
             raise Crash("killed mid-checkpoint")
 
-    tr.engine.save_checkpoint = save_then_die
+    tr.backend.engine.save_checkpoint = save_then_die
     try:
         tr.train()
     except Crash:
@@ -355,7 +355,8 @@ NAN_ACCUM_CASES = {"last": {4: (1,)},  # the last micro-batch only, on rank 1
 
 def _client_state(tr) -> list:
     """The tensors of the optimizer d2v built (moments, step counts), in a fixed order."""
-    return [v.detach().clone() for s in tr.client_optimizer.state.values() for _, v in sorted(s.items())
+    opt = tr.backend.client_optimizer
+    return [v.detach().clone() for s in opt.state.values() for _, v in sorted(s.items())
             if torch.is_tensor(v)]
 
 
@@ -369,12 +370,12 @@ def _nan_accum_runs(trainer_cls, root):
                 "engine.grad_accum_steps": 2, "train.max_steps": NAN_ACCUM_STEPS}), progress=False)
             _poison(tr, lambda call, r, _bad=bad: r in _bad.get(call, ()))
             r = rec[(stage, case)] = {"warned": [], "batches": 0, "skips": []}
-            step, next_batch, count = tr._train_step, tr._next_batch, tr._count_nonfinite
+            step, next_batch, count = tr.train_step, tr._next_batch, tr._count_nonfinite
 
-            def train_step(it, _tr=tr, _r=r, _stage=stage, _step=step):
+            def train_step(batches, _tr=tr, _r=r, _stage=stage, _step=step):
                 before, state = _full_student(_tr, _stage), _client_state(_tr)
-                res = _step(it)
-                if res[0] is None:
+                res = _step(batches)
+                if res.out is None:
                     after, state_after = _full_student(_tr, _stage), _client_state(_tr)
                     _r["skips"].append({
                         "param_err": max((after[n] - before[n]).abs().max().item() for n in before),
@@ -390,7 +391,7 @@ def _nan_accum_runs(trainer_cls, root):
                 _r["warned"].append(value)
                 return _count(value)
 
-            tr._train_step, tr._next_batch, tr._count_nonfinite = train_step, draw, counted
+            tr.train_step, tr._next_batch, tr._count_nonfinite = train_step, draw, counted
             summary = tr.train()
             r.update(steps=tr.step, skipped=tr.skipped_steps, summary_skipped=summary["skipped_steps"],
                      data_position=tr.data_position(),
@@ -528,9 +529,9 @@ def test_zero0_fused_wrapper_masters_are_split_by_parameter(tmp_path):
     process group)."""
     from types import SimpleNamespace
 
-    from d2v.engine import MasterEMATeacher
-    from d2v.registry import build_model
-    from d2v.trainer import param_groups
+    from d2v.backends.deepspeed.ema import MasterEMATeacher
+    from d2v.model import build_model
+    from d2v.optim import param_groups
 
     cfg = _cfg(tmp_path, 0, **{"train.precision": "bf16"})
     model = build_model(cfg)
@@ -557,8 +558,8 @@ def test_user_activation_checkpointing_keys_are_applied(runs):
 
 
 def test_activation_checkpointing_keys_need_the_d2v_switch(tmp_path):
+    from d2v.backends.deepspeed.config import deepspeed_config
     from d2v.config import ConfigError
-    from d2v.engine import deepspeed_config
 
     cfg = _cfg(tmp_path, 1)  # engine.activation_checkpointing false
     with pytest.raises(ConfigError, match="activation_checkpointing.profile=True.*engine.activation_checkp"):
@@ -570,10 +571,10 @@ def test_activation_checkpointing_keys_need_the_d2v_switch(tmp_path):
 
 def test_deepspeed_engine_refuses_train_compile_before_joining_a_group(tmp_path):
     from d2v.config import ConfigError
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     with pytest.raises(ConfigError, match="train.compile: the DeepSpeed engine does not compile the step"):
-        DeepSpeedTrainer(_cfg(tmp_path, 0, **{"train.compile": True}), progress=False)
+        Trainer(_cfg(tmp_path, 0, **{"train.compile": True}), progress=False)
     assert not torch.distributed.is_initialized()
 
 
@@ -625,7 +626,7 @@ def test_export_loads_without_deepspeed(runs, stage, tmp_path):
         "import sys; sys.modules['deepspeed'] = None\n"
         "import torch\n"
         "from d2v.config import Config\n"
-        "from d2v.registry import build_model\n"
+        "from d2v.model import build_model\n"
         "from d2v.probe import teacher_encoder\n"
         f"d = torch.load({str(out)!r}, weights_only=False)\n"
         "m = build_model(Config.from_dict(d['config']))\n"
@@ -683,15 +684,15 @@ def _one_rank_resume(rank, port, root):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
     torch.set_num_threads(1)
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     root, rec = Path(root), {}
     longer = {"train.max_steps": STEPS + 2, "train.allow_schedule_change": True}  # the lr jump is accepted
     try:
-        DeepSpeedTrainer(_cfg(root / "z1" / "a", 1, **longer), resume=True, progress=False)
+        Trainer(_cfg(root / "z1" / "a", 1, **longer), resume=True, progress=False)
     except ValueError as e:
         rec["z1_error"] = str(e)
-    tr = DeepSpeedTrainer(_cfg(root / "z0" / "a", 0, **longer), resume=True, progress=False)
+    tr = Trainer(_cfg(root / "z0" / "a", 0, **longer), resume=True, progress=False)
     rec["resumed_at"] = tr.step
     rec["teacher_err"] = max((v - tr.teacher.state_dict()[k]).abs().max().item()
                              for k, v in torch.load(root / "z0" / "full_a.pt")["teacher"].items())
@@ -728,13 +729,13 @@ def test_killed_mid_checkpoint_keeps_latest_complete(runs):
 def _gpu_worker(rank, port, root):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     root, rec = Path(root), {}
     for stage in (0, 3):
         cfg = _cfg(root / f"gpu{stage}", stage, **{"train.precision": "bf16", "engine.grad_accum_steps": 2,
                                                     "train.max_steps": 4, "train.log_every": 1})
-        tr = DeepSpeedTrainer(cfg, progress=False)
+        tr = Trainer(cfg, progress=False)
         _poison(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
         summary = tr.train()
         rec[stage] = {"backend": torch.distributed.get_backend(), "device": tr.device.type, "steps": tr.step,

@@ -1,6 +1,6 @@
 """The real `deepspeed` launcher (and torchrun) starts 2 processes (CPU, gloo) running `d2v pretrain`:
-the DeepSpeed engine is picked automatically (engine.name auto), rank 0 alone prints and logs, the run finishes
-with a complete checkpoint, and resumes with engine.name=deepspeed named instead of auto.
+the DeepSpeed engine is picked automatically (engine.name auto), rank 0 alone prints and logs, the run
+finishes with a complete checkpoint, and resumes with engine.name=deepspeed named instead of auto.
 
 Run: .venv/bin/python -m pytest -q tests/test_launcher.py
 """
@@ -15,7 +15,7 @@ import pytest
 
 from d2v.checkpoint import load_checkpoint
 from d2v.metrics import read_metrics
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parent.parent

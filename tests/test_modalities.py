@@ -10,15 +10,17 @@ import math
 import pytest
 import torch
 
+from d2v.audio_frames import conv_output_length
 from d2v.config import Config
 from d2v.ema import EMATeacher
 from d2v.masking import make_maskinfo, random_mask, span_mask
-from d2v.modalities.audio import alibi_slopes, conv_output_length
-from d2v.registry import build_model, list_flavors
+from d2v.modalities.audio import alibi_slopes
+from d2v.model import build_model
+from d2v.registry import list_flavors
 
 SMALL = {  # shrink base/large flavors so a CPU step takes well under a second
-    "audio": dict(conv_dim=32, embed_dim=48, num_heads=12, depth=3, prenet_depth=1, conv_pos_depth=2, layerdrop=0.0,
-                  conv_pos_groups=4, decoder=dict(dim=24, groups=4)),
+    "audio": dict(conv_dim=32, embed_dim=48, num_heads=12, depth=3, prenet_depth=1, conv_pos_depth=2,
+                  layerdrop=0.0, conv_pos_groups=4, decoder=dict(dim=24, groups=4)),
     "text": dict(vocab_size=97, max_positions=40, embed_dim=48, num_heads=12, depth=3,
                  decoder=dict(dim=24)),
 }
@@ -99,7 +101,8 @@ def test_teacher_sharing_rules():
 
 
 def make_image():
-    cfg = Config.from_dict({"model": {"flavor": "tiny", "depth": 2}, "objective": {"average_top_k_layers": 2}})
+    cfg = Config.from_dict({"model": {"flavor": "tiny", "depth": 2},
+                            "objective": {"average_top_k_layers": 2}})
     m = build_model(cfg)
     return cfg, m, EMATeacher(m, 0.99, 0.999, 10)
 

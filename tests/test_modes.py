@@ -18,11 +18,12 @@ from d2v.config import ConfigError, load_config
 from d2v.ema import EMATeacher
 from d2v.masking import make_maskinfo
 from d2v.metrics import read_metrics
-from d2v.registry import build_model
+from d2v.model import build_model
 from d2v.trainer import Trainer
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
-CONFIGS = {"image": "configs/tiny_image.yaml", "audio": "configs/tiny_audio.yaml", "text": "configs/tiny_text.yaml"}
+CONFIGS = {"image": "configs/tiny_image.yaml", "audio": "configs/tiny_audio.yaml",
+           "text": "configs/tiny_text.yaml"}
 SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder.dim=32",
          "model.decoder.layers=1", "model.decoder.groups=4", "objective.average_top_k_layers=2"]
 
@@ -155,7 +156,8 @@ def test_every_mode_starts_from_the_same_encoder_for_the_same_seed(modality):
     _, m2 = _model(modality)
     _, m1 = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
     s1 = m1.state_dict()
-    shared = [k for k in m2.state_dict() if ".decoder." not in k and not k.startswith("modality_encoder.decoder")]
+    shared = [k for k in m2.state_dict()
+              if ".decoder." not in k and not k.startswith("modality_encoder.decoder")]
     assert len(shared) > 10 and all(k in s1 for k in shared)
     for k in shared:
         assert torch.equal(m2.state_dict()[k], s1[k]), k

@@ -7,7 +7,7 @@ for CUDA training.
 CPU tensors cannot show a host/device stall (torch.cuda.set_sync_debug_mode needs CUDA), so the check
 counts the Python-level host reads (Tensor.item, tolist, cpu, numpy; bool/float/int/index of a tensor)
 that d2v's own code makes (the caller's file is in d2v/ or kernels/), by phase: every loop iteration
-is "step" (the step, the EMA update, the loop body), except what follows `_train_step` in an iteration
+is "step" (the step, the EMA update, the loop body), except what follows `train_step` in an iteration
 that logs ("log"). The loader's own work (its collate reads the CPU masks by design) is not counted.
 
 Run: .venv/bin/python -m pytest -q tests/test_no_host_sync.py
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from d2v.config import load_config
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_image.yaml"
@@ -77,20 +77,20 @@ class QuietLoader:
 
 
 def instrument(tr, phase: Phase) -> None:
-    """Mark the phases on the trainer: each loop iteration is "step" from _train_step on; once
-    _train_step returned, the rest of the iteration (EMA update, log block) is "log" when the step it
-    completes is logged, else still "step"."""
-    step, cfg = tr._train_step, tr.cfg.train
+    """Mark the phases on the trainer: each loop iteration is "step" from train_step (optimizer step and
+    EMA update) on; once train_step returned, the rest of the iteration (the log block) is "log" when the
+    step it completes is logged, else still "step"."""
+    step, cfg = tr.train_step, tr.cfg.train
 
-    def train_step(it):
+    def train_step(batches):
         phase.now = "step"
-        res = step(it)
-        done = tr.step + 1  # the loop counts the step after this returns
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        res = step(batches)  # the optimizer step and the EMA update
+        done = tr.step  # counted by train_step
+        if res.out is not None and (done % cfg.log_every == 0 or done == cfg.max_steps):
             phase.now = "log"
         return res
 
-    tr._train_step = train_step
+    tr.train_step = train_step
     tr.loader = QuietLoader(tr.loader, phase)
 
 
@@ -118,14 +118,14 @@ def _deepspeed_worker(rank, port, root):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
     torch.set_num_threads(1)
-    from d2v.engine import DeepSpeedTrainer
+    from d2v.trainer import Trainer
 
     out = {}
     for stage in (0, 3):  # ZeRO-3: the teacher's gathered forward and sharded EMA update count too
         records, phase = [], Phase()
         cfg = load_config(TINY, _overrides(Path(root) / f"z{stage}", **{
             "engine.name": "deepspeed", "engine.zero_stage": stage, "engine.grad_accum_steps": 2}))
-        tr = DeepSpeedTrainer(cfg, progress=False)
+        tr = Trainer(cfg, progress=False)
         instrument(tr, phase)
         with host_reads_recorded(records, phase):
             tr.train()
@@ -146,7 +146,7 @@ def test_deepspeed_reads_one_flag_per_optimizer_step(tmp_path):
     for stage, rec in torch.load(tmp_path / "reads.pt").items():
         assert rec["steps"] == 4
         in_step = [r for r in rec["records"] if r[0] == "step"]
-        assert [r[1:3] for r in in_step] == [("tolist", "_agree")] * 4, (stage, in_step)
+        assert [r[1:3] for r in in_step] == [("tolist", "agree")] * 4, (stage, in_step)
         assert sum(r[0] == "log" for r in rec["records"]) >= 2, (stage, rec["records"])
 
 

@@ -25,7 +25,7 @@ import pytest
 from d2v.checkpoint import complete_checkpoints, load_checkpoint
 from d2v.metrics import read_metrics
 from d2v.preempt import EXIT_STOPPED
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_image.yaml")

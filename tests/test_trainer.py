@@ -11,8 +11,9 @@ import torch
 from d2v.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from d2v.config import load_config
 from d2v.metrics import read_metrics
-from d2v.trainer import Trainer, lr_at
-from tests.conftest import micro_overrides
+from d2v.optim import lr_at
+from d2v.trainer import Trainer
+from tests.utils import micro_overrides
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_image.yaml"
 
@@ -102,8 +103,8 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
 
 def test_no_weight_decay_on_biases_and_norms():
     from d2v.config import Config
-    from d2v.registry import build_model
-    from d2v.trainer import param_groups
+    from d2v.model import build_model
+    from d2v.optim import param_groups
 
     m = build_model(Config.from_dict({"model": {"flavor": "tiny"}, "objective": {"average_top_k_layers": 4}}))
     decay, no_decay = param_groups(m, 0.05, decay_1d=False)
@@ -137,7 +138,8 @@ def test_existing_run_is_never_overwritten_and_resume_checks_config(tmp_path):
     assert done.step == 3 and summary["steps_this_run"] == 0
     assert summary["final"]["step"] == 3 and summary["final"]["loss"] > 0  # last logged metrics
     assert summary["skipped_steps"] == 0
-    longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3, "train.allow_schedule_change": True}),
+    longer = Trainer(micro(tmp_path, steps=5, **{"ema.anneal_end_step": 3,
+                                                  "train.allow_schedule_change": True}),
                      resume=True, progress=False)  # max_steps may change
     assert longer.step == 3
     with pytest.raises(ValueError, match="config differs in optim.lr"):
@@ -204,8 +206,8 @@ def test_single_process_trainer_refuses_a_deepspeed_checkpoint(tmp_path):
     cfg = micro(tmp_path, steps=3)
     save_checkpoint(tmp_path, 2, {"step": 2, "engine": "deepspeed", "zero_stage": 1, "world_size": 2},
                     cfg.to_dict(), keep_last=2)
-    with pytest.raises(ValueError, match=r"saved by the DeepSpeed engine \(ZeRO-1, 2 rank\(s\)\): resume it "
-                                         r"with engine.name=deepspeed.*d2v export"):
+    with pytest.raises(ValueError, match=r"saved by the deepspeed backend \(ZeRO-1, 2 rank\(s\)\): "
+                                         r".*resume it with engine.name=deepspeed.*d2v export"):
         Trainer(cfg, resume=True, progress=False)
 
 
@@ -224,14 +226,14 @@ def _run_recorded(cfg) -> tuple[Trainer, list[dict]]:
     from d2v.model import STAT_KEYS
 
     tr = Trainer(cfg, progress=False)
-    rows, step = [], tr._train_step
+    rows, step = [], tr.train_step
 
-    def record(it):
-        res = step(it)
-        rows.append({k: float(res[0][k].detach()) for k in STAT_KEYS})
+    def record(batches):
+        res = step(batches)
+        rows.append({k: float(res.out[k].detach()) for k in STAT_KEYS})
         return res
 
-    tr._train_step = record
+    tr.train_step = record
     tr.train()
     return tr, rows
 

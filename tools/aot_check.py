@@ -809,7 +809,7 @@ def _vit_b_ema_shapes(root: str) -> list[tuple[int, ...]]:
 
     from d2v.config import load_config
     from d2v.ema import EMATeacher
-    from d2v.registry import build_model
+    from d2v.model import build_model
 
     cfg = load_config(os.path.join(root, "configs", "base_image.yaml"))
     with torch.no_grad():

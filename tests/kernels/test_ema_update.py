@@ -15,9 +15,9 @@ import functools
 
 import pytest
 import torch
+from d2v.kernels import ema_update as ke
 
 from d2v import _ext, ops
-from d2v.kernels import ema_update as ke
 from tests.utils import EXT_REQUIRED, check_ema, ema_case
 
 EMA_SHAPES = [(1,), (7, 3), (128,), (5, 5, 5), (257,)]
@@ -86,7 +86,7 @@ MODELS = {
 @functools.lru_cache(maxsize=2)
 def _param_shapes(name: str) -> tuple:
     from d2v.config import Config
-    from d2v.registry import build_model
+    from d2v.model import build_model
 
     model = build_model(Config.from_dict({"model": MODELS[name]}))
     return tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad)

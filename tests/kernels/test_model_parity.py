@@ -17,7 +17,7 @@ def _train_losses(device, steps=3):
     from d2v.config import Config
     from d2v.ema import EMATeacher
     from d2v.masking import inverse_block_mask, make_maskinfo
-    from d2v.registry import build_model
+    from d2v.model import build_model
 
     torch.manual_seed(0)
     cfg = Config.from_dict({"model": {"flavor": "tiny"}, "masking": {"clone_batch": 2},

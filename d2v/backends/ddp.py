@@ -1,0 +1,127 @@
+"""The DDP backend (engine.name=ddp): torch DistributedDataParallel, one process per rank (torchrun or
+the deepspeed launcher; without a launcher, a group of one). Every rank keeps the whole model, the
+whole fp32 EMA teacher and the whole AdamW state; gradients are averaged by DDP's bucketed all-reduce
+during the backward, so every rank applies the same update and the teacher needs no communication.
+
+Per optimizer step: engine.grad_accum_steps micro-batches (all but the last under no_sync, the loss
+divided by their number, as DeepSpeed does), one flag all-reduce (`FlagAgreement`: a non-finite loss
+on any rank skips the step on all, and stop signals / timed checkpoints are agreed) and its one host
+read. Checkpoints are the single backend's files (state.pt: model, teacher, optimizer, rank 0's RNG)
+plus rank_<r>.pt per rank (its RNG): a DDP checkpoint resumes on any number of ranks, or in one
+process with engine.name=single, and exports with no consolidation.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from d2v.backends.base import Backend, StepOutput
+from d2v.backends.dist import (
+    FlagAgreement,
+    collective_save,
+    init_process_group,
+    load_rank_file,
+    pick_device,
+    reduce_mean,
+    write_rank_file,
+)
+from d2v.ema import EMATeacher
+from d2v.optim import build_optimizer, param_groups, set_lr
+from d2v.rng import rng_state, set_rng_state
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+    engine_keys = ("grad_accum_steps", "max_nonfinite_steps", "optimizer")
+    checkpoint_kinds = ("single", "ddp")
+
+    def __init__(self, cfg, device: str | None = None):
+        super().__init__(cfg, device)
+        self.rank, self.world_size = init_process_group(cfg.engine.timeout_minutes)
+        self.device = torch.device(device) if device else pick_device()
+        self.micro_steps = cfg.engine.grad_accum_steps
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def setup(self, model: torch.nn.Module) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        self.model = model.to(self.device)
+        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        self.optimizer = build_optimizer(cfg, param_groups(self.model, o.weight_decay, o.decay_1d),
+                                         fused=True if self.device.type == "cuda" else None)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # the buffers (position tables) are constants, the same on every rank: no sync per forward
+        # (torch >= 2.14 names the option forward_sync_buffers; broadcast_buffers before)
+        options = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in options
+                   else {"broadcast_buffers": False})
+        # layerdrop skips blocks at random: their parameters get no gradient in that step
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=cfg.model.layerdrop > 0, **no_sync)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.train.precision == "bf16")
+        self._agreement = FlagAgreement(self.device)
+
+    def step(self, batches, lr, requests) -> StepOutput:
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        n, out = 0, None
+        ok = shown = None  # () on the device: every loss so far finite here; the loss a skip reports
+        last = len(batches) - 1
+        for i, (source, mask) in enumerate(batches):
+            sync = contextlib.nullcontext() if i == last else self.ddp.no_sync()
+            with sync:
+                with self.autocast:
+                    out = self.ddp(source, mask)
+                loss = out["loss"]
+                finite = torch.isfinite(loss.detach())
+                shown = loss.detach() if shown is None else torch.where(ok, loss.detach(), shown)
+                ok = finite if ok is None else ok & finite
+                # identical to `loss` while ok; a zero loss from the first non-finite one on
+                used = torch.where(ok, loss, torch.zeros_like(loss))
+                (used / len(batches) if len(batches) > 1 else used).backward()
+            n += source.shape[0]
+        finite, stop, due = self._agreement.agree(ok, requests)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutput(None, None, lr, n, skipped="nonfinite", shown=shown, stop=stop, ckpt_due=due)
+        clip = self.cfg.optim.clip_norm
+        gnorm = torch.nn.utils.clip_grad_norm_(self._params, clip) if clip > 0 else None
+        self.optimizer.step()
+        return StepOutput(out, gnorm, lr, n, stop=stop, ckpt_due=due)
+
+    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        return reduce_mean(stats, self.device)
+
+    def save(self, out_dir: Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
+        def main_state() -> dict:
+            return {**state, "engine": self.name, "world_size": self.world_size,
+                    "model": self.model.state_dict(), "teacher": self.teacher.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+
+        return collective_save(out_dir, step, self.rank, "ddp",
+                               lambda tmp: write_rank_file(tmp, self.rank, {"rng": rng_state()}),
+                               main_state, config, keep_last)
+
+    def load(self, state: dict, ck: Path) -> None:
+        self.model.load_state_dict(state["model"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        mine = load_rank_file(ck, self.rank)
+        if "rng" in mine:
+            set_rng_state(mine["rng"])
+        elif self.rank == 0:  # a single-process checkpoint
+            set_rng_state(state["rng"])
+        # else: a rank the saving run did not have keeps its fresh per-rank seed
+
+    def banner(self) -> str:
+        e = self.cfg.engine
+        return (f"  engine: DDP on {self.world_size} rank(s) ({torch.distributed.get_backend()}) | "
+                f"grad accum {e.grad_accum_steps} | optimizer {type(self.optimizer).__name__} | "
+                f"EMA teacher: fp32, whole on every rank")
