@@ -24,9 +24,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d2v.kernels import build_targets as kt  # noqa: E402
+
 from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import ops  # noqa: E402
-from d2v.kernels import build_targets as kt  # noqa: E402
 
 # the recipes' targets: vision IN per layer -> avg -> LN; audio IN per layer -> avg; K=10 top layers
 CASES = {
@@ -83,7 +84,8 @@ def main() -> int:
 
             def timed(provider, impl, f, warmup=1, note=""):
                 if rec.check(tag, shape, provider, impl, f(), ref, BUDGET, bytes_model=by):
-                    rec.add(tag, shape, provider, impl, bench(f, dev, reps, warmup=warmup), reps, by, note=note)
+                    rec.add(tag, shape, provider, impl, bench(f, dev, reps, warmup=warmup), reps, by,
+                            note=note)
 
             timed("torch eager (fairseq chain)", "torch", lambda: fairseq_chain(layers, fn))
             timed("torch eager (d2v ref)", "torch", lambda: kt.build_targets_ref(layers, final_norm=fn))
@@ -97,7 +99,7 @@ def main() -> int:
                   note=f"auto: {r['variant']}")
             if dev.type == "cuda":
                 timed("d2v triton", "triton", lambda: kt.build_targets_triton(layers, final_norm=fn))
-            del layers, ref
+            layers = ref = None  # free the case's tensors (rebound, not del: the lambdas close over them)
     rec.speedups("torch eager (fairseq chain)")
     if not args.no_write:
         rec.write("x eager = speed-up over the reference's eager chain.", quick=args.quick)

@@ -23,21 +23,24 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d2v.kernels import ema_update as ke  # noqa: E402
+
 from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import _ext, ops  # noqa: E402
-from d2v.kernels import ema_update as ke  # noqa: E402
 
 
 def vit_shapes(depth: int, D: int, patch: int = 16, tokens: int = 197) -> list[tuple[int, ...]]:
     shapes = [(D, 3, patch, patch), (D,), (1, 1, D), (1, tokens, D)]
     for _ in range(depth):
-        shapes += [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,), (4 * D, D), (4 * D,), (D, 4 * D), (D,)]
+        shapes += [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,),
+                   (4 * D, D), (4 * D,), (D, 4 * D), (D,)]
     return shapes + [(D,), (D,)]
 
 
 def audio_shapes() -> list[tuple[int, ...]]:
     convs = [(512, 1, 10)] + [(512, 512, 3)] * 4 + [(512, 512, 2)] * 2
-    shapes = [s for c in convs for s in (c, (512,), (512,))] + [(512,), (512,), (768, 512), (768,), (768, 48, 128)]
+    shapes = [s for c in convs for s in (c, (512,), (512,))]
+    shapes += [(512,), (512,), (768, 512), (768,), (768, 48, 128)]
     return shapes + vit_shapes(12, 768)[4:]
 
 
@@ -90,7 +93,8 @@ def main() -> int:
                 ok = ok and (not lowp or rec.check(tag, shape, provider, impl, low, ref, BUDGET_BF16,
                                                    bytes_model=bytes_model))
                 if ok:
-                    rec.add(tag, shape, provider, impl, bench(f, dev, reps, warmup=warmup), reps, bytes_model, note=note)
+                    rec.add(tag, shape, provider, impl, bench(f, dev, reps, warmup=warmup), reps, bytes_model,
+                            note=note)
 
             timed("torch eager (ref loop)", "torch", ref_loop)
             timed("torch._foreach_lerp_", "torch", foreach)
@@ -98,11 +102,13 @@ def main() -> int:
                                     not args.no_compile)
             if comp is not None:
                 try:
-                    timed("torch.compile(foreach)", "inductor", comp, warmup=2, note="first call compiles (not timed)")
+                    timed("torch.compile(foreach)", "inductor", comp, warmup=2,
+                          note="first call compiles (not timed)")
                 except Exception as e:
                     print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
             r = ops.backend()["ema_update_"]
-            timed("d2v.ops.ema_update_", r["impl"], lambda: ops.ema_update_(ema, par, d), note=f"auto: {r['variant']}")
+            timed("d2v.ops.ema_update_", r["impl"], lambda: ops.ema_update_(ema, par, d),
+                  note=f"auto: {r['variant']}")
             timed("d2v.ops + bf16 teacher", r["impl"], lambda: ops.ema_update_(ema, par, d, out_lowp=low),
                   bytes_model=by + 2 * n, note="out_lowp= in the same pass", lowp=True)
             if dev.type == "cpu" and mod is not None:
@@ -111,7 +117,7 @@ def main() -> int:
                 timed("d2v triton", "triton", lambda: ke.ema_update_triton_(ema, par, d))
                 if mod is not None and mod.with_cuda:
                     timed("d2v._C ema_update_cuda", "cuda", lambda: mod.ema_update_cuda(ema, par, d, None))
-            del ema, par, low, ema0, ref
+            ema = par = low = ema0 = ref = None  # free the case (rebound, not del: closures use the names)
     rec.speedups("torch eager (ref loop)")
     if not args.no_write:
         rec.write("x eager = speed-up over the reference's per-parameter loop.", quick=args.quick)

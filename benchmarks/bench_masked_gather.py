@@ -24,9 +24,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d2v.kernels import masked_gather as kg  # noqa: E402
+
 from benchmarks.common import Recorder, bench, common_args, probe_bandwidth, select_cases, try_compile  # noqa: E402
 from d2v import ops  # noqa: E402
-from d2v.kernels import masked_gather as kg  # noqa: E402
 
 # B samples x M clones = R rows, T tokens, K kept, D width (the recipes' clone_batch and mask ratio)
 CASES = {
@@ -78,15 +79,19 @@ def main() -> int:
         ref = _ref_gather(x, ids_keep)
         tag = f"{case}/gather"
         if rec.check(tag, shape, "torch eager", "torch", _eager_gather(x, ids_keep), ref, bytes_model=by):
-            rec.add(tag, shape, "torch eager", "torch", bench(lambda: _eager_gather(x, ids_keep), dev, reps), reps, by)
+            rec.add(tag, shape, "torch eager", "torch",
+                    bench(lambda: _eager_gather(x, ids_keep), dev, reps), reps, by)
         comp, why = try_compile(_eager_gather, not args.no_compile)
-        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(x, ids_keep), ref, bytes_model=by):
-            rec.add(tag, shape, "torch.compile", "inductor", bench(lambda: comp(x, ids_keep), dev, reps, warmup=2), reps, by)
+        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(x, ids_keep), ref,
+                                          bytes_model=by):
+            rec.add(tag, shape, "torch.compile", "inductor",
+                    bench(lambda: comp(x, ids_keep), dev, reps, warmup=2), reps, by)
         r = ops.backend()["masked_gather"]
-        if rec.check(tag, shape, "d2v.ops.masked_gather", r["impl"], ops.masked_gather(x, ids_keep), ref, bytes_model=by):
+        if rec.check(tag, shape, "d2v.ops.masked_gather", r["impl"], ops.masked_gather(x, ids_keep), ref,
+                     bytes_model=by):
             rec.add(tag, shape, "d2v.ops.masked_gather", r["impl"],
                     bench(lambda: ops.masked_gather(x, ids_keep), dev, reps), reps, by)
-        del ref
+        ref = None
         # forward + backward of the gather
         xg = x.detach().requires_grad_()
         gout = torch.randn(R, K, D, device=dev, dtype=dt)
@@ -101,31 +106,33 @@ def main() -> int:
         gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev).scatter_(
             1, ids_keep.unsqueeze(-1).expand(-1, -1, D), gout.double())  # distinct ids: no sums
         tag = f"{case}/gather+bwd"
-        for prov, impl, fn in (("torch eager", "torch", _eager_gather), ("d2v.ops.masked_gather", r["impl"], ops.masked_gather)):
+        for prov, impl, fn in (("torch eager", "torch", _eager_gather),
+                               ("d2v.ops.masked_gather", r["impl"], ops.masked_gather)):
             fb(fn)()
             if rec.check(tag, shape, prov, impl, xg.grad, gref, bytes_model=by_fb):
                 rec.add(tag, shape, prov, impl, bench(fb(fn), dev, reps), reps, by_fb)
-        del xg, gout, gref
+        xg = gout = gref = None  # freed by rebinding, not del: the closures above use the names
         # decoder input: kept tokens + fill (noise) at masked slots
         kept = x[:, :K].contiguous()
         fill = torch.randn(R, T, D, device=dev, dtype=dt)
         by_s = R * K * D * es + R * N * D * es + R * T * D * es + R * K * 8
         ref = fill.double().scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), kept.double())
         tag = f"{case}/scatter"
-        if rec.check(tag, shape, "torch eager", "torch", _eager_scatter(kept, ids_keep, fill), ref, bytes_model=by_s):
+        if rec.check(tag, shape, "torch eager", "torch", _eager_scatter(kept, ids_keep, fill), ref,
+                     bytes_model=by_s):
             rec.add(tag, shape, "torch eager", "torch",
                     bench(lambda: _eager_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
         comp, why = try_compile(_eager_scatter, not args.no_compile)
-        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(kept, ids_keep, fill), ref,
-                                          bytes_model=by_s):
+        if comp is not None and rec.check(tag, shape, "torch.compile", "inductor", comp(kept, ids_keep, fill),
+                                          ref, bytes_model=by_s):
             rec.add(tag, shape, "torch.compile", "inductor",
                     bench(lambda: comp(kept, ids_keep, fill), dev, reps, warmup=2), reps, by_s)
         r = ops.backend()["masked_scatter"]
-        if rec.check(tag, shape, "d2v.ops.masked_scatter", r["impl"], ops.masked_scatter(kept, ids_keep, fill), ref,
-                     bytes_model=by_s):
+        if rec.check(tag, shape, "d2v.ops.masked_scatter", r["impl"],
+                     ops.masked_scatter(kept, ids_keep, fill), ref, bytes_model=by_s):
             rec.add(tag, shape, "d2v.ops.masked_scatter", r["impl"],
                     bench(lambda: ops.masked_scatter(kept, ids_keep, fill), dev, reps), reps, by_s)
-        del kept, fill, x, ref
+        kept = fill = x = ref = None
         # per-clone targets from the (B, T, D) fp32 targets
         y = torch.randn(B, T, D, device=dev)
         rows_read = torch.unique(ids_masked.view(B, M * N) + T * torch.arange(B, device=dev)[:, None]).numel()
@@ -133,24 +140,27 @@ def main() -> int:
         shape_t = f"B={B} M={M} T={T} N={N} D={D} fp32"
         ref = _ref_gather(y, ids_masked, M)
         tag = f"{case}/targets"
-        if rec.check(tag, shape_t, "torch eager", "torch", _eager_targets(y, ids_masked, M), ref, bytes_model=by_t):
-            rec.add(tag, shape_t, "torch eager", "torch",
-                    bench(lambda: _eager_targets(y, ids_masked, M), dev, reps), reps, by_t, note="repeat_interleave + gather")
-        if rec.check(tag, shape_t, "torch advanced index", "torch", kg.masked_targets_ref(y, ids_masked, M), ref,
+        if rec.check(tag, shape_t, "torch eager", "torch", _eager_targets(y, ids_masked, M), ref,
                      bytes_model=by_t):
+            rec.add(tag, shape_t, "torch eager", "torch",
+                    bench(lambda: _eager_targets(y, ids_masked, M), dev, reps), reps, by_t,
+                    note="repeat_interleave + gather")
+        if rec.check(tag, shape_t, "torch advanced index", "torch", kg.masked_targets_ref(y, ids_masked, M),
+                     ref, bytes_model=by_t):
             rec.add(tag, shape_t, "torch advanced index", "torch",
-                    bench(lambda: kg.masked_targets_ref(y, ids_masked, M), dev, reps), reps, by_t, note="y[r // M, ids]")
+                    bench(lambda: kg.masked_targets_ref(y, ids_masked, M), dev, reps), reps, by_t,
+                    note="y[r // M, ids]")
         comp, why = try_compile(_eager_targets, not args.no_compile)
-        if comp is not None and rec.check(tag, shape_t, "torch.compile", "inductor", comp(y, ids_masked, M), ref,
-                                          bytes_model=by_t):
+        if comp is not None and rec.check(tag, shape_t, "torch.compile", "inductor", comp(y, ids_masked, M),
+                                          ref, bytes_model=by_t):
             rec.add(tag, shape_t, "torch.compile", "inductor",
                     bench(lambda: comp(y, ids_masked, M), dev, reps, warmup=2), reps, by_t)
         r = ops.backend()["masked_targets"]
-        if rec.check(tag, shape_t, "d2v.ops.masked_targets", r["impl"], ops.masked_targets(y, ids_masked, M), ref,
-                     bytes_model=by_t):
+        if rec.check(tag, shape_t, "d2v.ops.masked_targets", r["impl"], ops.masked_targets(y, ids_masked, M),
+                     ref, bytes_model=by_t):
             rec.add(tag, shape_t, "d2v.ops.masked_targets", r["impl"],
                     bench(lambda: ops.masked_targets(y, ids_masked, M), dev, reps), reps, by_t)
-        del y, ref
+        y = ref = None
     rec.speedups("torch eager")
     if not args.no_write:
         rec.write("bf16 activations; x eager = speed-up over the eager torch row of the same case.",

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import append_csv, append_markdown, device_slug, md_table, results_dir, stamp  # noqa: E402
 
 FIELDS = ["date", "git_sha", "device", "threads", "torch", "python", "run", "config", "step", "max_steps",
-          "train_s", "task", "shots", "n_test", "student_full", "student_fewshot", "teacher_full", "teacher_fewshot",
-          "random_full", "random_fewshot", "note"]
+          "train_s", "task", "shots", "n_test", "student_full", "student_fewshot", "teacher_full",
+          "teacher_fewshot", "random_full", "random_fewshot", "note"]
 DEFAULT_RUNS = ["d2v2=configs/tiny_image.yaml", "d2v1=configs/tiny_image_d2v1.yaml"]
 QUICK = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder.dim=32",
          "model.decoder.layers=1", "model.decoder.groups=4", "objective.average_top_k_layers=2",
@@ -49,7 +49,8 @@ def train(name: str, config: str, out: Path, overrides: list[str]) -> float:
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"[{name}] pretraining failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
+        tail = (res.stdout + res.stderr)[-3000:]
+        raise RuntimeError(f"[{name}] pretraining failed (exit {res.returncode}):\n{tail}")
     print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "", flush=True)
     return time.time() - t0
 
@@ -74,18 +75,22 @@ def probe_run(name: str, config: str, out: Path) -> list[dict]:
         k = f"{res['shots']}shot"
         for task, r in res["tasks"].items():
             base = {"run": name, "config": config, "task": task, "shots": res["shots"], "n_test": r["n_test"],
-                    "random_full": f"{r['random_init']['full']:.2f}", "random_fewshot": f"{r['random_init'][k]:.2f}"}
+                    "random_full": f"{r['random_init']['full']:.2f}",
+                    "random_fewshot": f"{r['random_init'][k]:.2f}"}
             if i == 0:  # the random init is the step-0 point of the curve
                 rows.append({**base, "step": 0, "train_s": "0.0", "student_full": base["random_full"],
                              "student_fewshot": base["random_fewshot"], "teacher_full": base["random_full"],
                              "teacher_fewshot": base["random_fewshot"], "note": "random init"})
             rows.append({**base, "step": step, "train_s": f"{elapsed[step]:.3f}",
-                         "student_full": f"{r['pretrained']['full']:.2f}", "student_fewshot": f"{r['pretrained'][k]:.2f}",
-                         "teacher_full": f"{r['teacher']['full']:.2f}", "teacher_fewshot": f"{r['teacher'][k]:.2f}",
+                         "student_full": f"{r['pretrained']['full']:.2f}",
+                         "student_fewshot": f"{r['pretrained'][k]:.2f}",
+                         "teacher_full": f"{r['teacher']['full']:.2f}",
+                         "teacher_fewshot": f"{r['teacher'][k]:.2f}",
                          "note": ""})
-        print(f"[{name}] step {step:>6d} at {elapsed[step]:7.1f} s: " + ", ".join(
-            f"{t} full {r['pretrained']['full']:.1f}% / {k} {r['pretrained'][k]:.1f}%" for t, r in res["tasks"].items())
-              + f" (probe {time.time() - t0:.0f} s)", flush=True)
+        accs = ", ".join(f"{t} full {r['pretrained']['full']:.1f}% / {k} {r['pretrained'][k]:.1f}%"
+                         for t, r in res["tasks"].items())
+        print(f"[{name}] step {step:>6d} at {elapsed[step]:7.1f} s: {accs} (probe {time.time() - t0:.0f} s)",
+              flush=True)
     return rows
 
 
@@ -111,14 +116,15 @@ def headline(rows: list[dict], fast: str, slow: str) -> str:
     shots = rows[0]["shots"]
     n = int(rows[0].get("n_test") or 0)
     se = 100 * math.sqrt(target / 100 * (1 - target / 100) / n) if n else float("nan")
+    verdict = "tie (within 2 SE)" if abs(f[-1][1] - target) < 2 * se else "differ by more than 2 SE"
     noise = (f" | probe noise: 1 SE = {se:.1f} pts at {n} test examples; final accuracies {f[-1][1]:.1f}% "
-             f"({fast}) vs {target:.1f}% ({slow}) "
-             f"{'tie (within 2 SE)' if abs(f[-1][1] - target) < 2 * se else 'differ by more than 2 SE'}") if n else ""
+             f"({fast}) vs {target:.1f}% ({slow}) {verdict}") if n else ""
     if t_fast is None:
         return (f"{fast} did not reach {slow}'s final {shots}-shot {task} accuracy ({target:.1f}%, first at "
                 f"{t_slow:.0f} s); its best was {max(a for _, a in f):.1f}%" + noise)
-    return (f"{slow} first reached its final {shots}-shot {task} accuracy ({target:.1f}%) after {t_slow:.0f} s, "
-            f"{fast} after {t_fast:.0f} s: {t_slow / max(t_fast, 1e-9):.1f}x less time" + noise)
+    return (f"{slow} first reached its final {shots}-shot {task} accuracy ({target:.1f}%) after "
+            f"{t_slow:.0f} s, {fast} after {t_fast:.0f} s: {t_slow / max(t_fast, 1e-9):.1f}x less time"
+            + noise)
 
 
 def plot(rows: list[dict], png: Path, st: dict) -> Path:
@@ -134,7 +140,8 @@ def plot(rows: list[dict], png: Path, st: dict) -> Path:
             rs = [r for r in rows if r["run"] == run and r["task"] == task]
             t = [float(r["train_s"]) for r in rs]
             c = f"C{i}"
-            ax.plot(t, [float(r["student_fewshot"]) for r in rs], "o-", color=c, label=f"{run} {rs[0]['shots']}-shot")
+            ax.plot(t, [float(r["student_fewshot"]) for r in rs], "o-", color=c,
+                    label=f"{run} {rs[0]['shots']}-shot")
             ax.plot(t, [float(r["student_full"]) for r in rs], "s--", color=c, alpha=0.6, label=f"{run} full")
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel(f"linear probe accuracy, {task} (%)")
@@ -152,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="NAME=RECIPE",
                     help="runs to compare; the first is the fast one in the headline, the last the baseline")
     ap.add_argument("--ckpt-every", type=int, default=250, help="steps between probed checkpoints")
-    ap.add_argument("--max-steps", type=int, default=0, help="override every recipe's train.max_steps (0: keep)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="override every recipe's train.max_steps (0: keep)")
     ap.add_argument("--out-root", default="", help="where the runs go (default runs/time_to_quality_<time>)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     ap.add_argument("--quick", action="store_true", help="smoke run: micro model, 2 steps, one checkpoint")

@@ -57,7 +57,8 @@ def results_dir(quick: bool = False) -> Path | None:
     must not overwrite the committed results or plots)."""
     env = os.environ.get("D2V_BENCH_RESULTS", "").strip()
     if quick and not env:
-        print(f"--quick: not writing results (they would go to {RESULTS}; set D2V_BENCH_RESULTS=DIR to keep them)")
+        print(f"--quick: not writing results (they would go to {RESULTS}; "
+              "set D2V_BENCH_RESULTS=DIR to keep them)")
         return None
     out = Path(env) if env else RESULTS
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,8 @@ def _hold_stream(dev: torch.device, seconds: float) -> None:
     sleep(int(min(seconds, 0.25) * 2.0e9))  # cycles at ~2 GHz (H100/H200 boost clock); slower clocks: longer
 
 
-def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
+def bench(fn: Callable[[], object], dev: torch.device, repeats: int,
+          warmup: int = 1) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of fn() over `repeats` timed calls after `warmup` calls.
 
     On CUDA: device time between events recorded around each call. The L2 is flushed before every timed
@@ -209,7 +211,8 @@ def bench(fn: Callable[[], object], dev: torch.device, repeats: int, warmup: int
         fn()
         host = time.perf_counter() - t0
         sync(dev)
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
         _hold_stream(dev, 1.5 * repeats * host + 1e-3)
         for a, b in ev:
             flush()
@@ -238,8 +241,8 @@ def copy_bandwidth(dev: torch.device, mib: int = 256, repeats: int = 10) -> floa
     ms_copy, _, _ = bench(lambda: dst.copy_(src), dev, repeats, warmup=2)
     ms_rmw, _, _ = bench(lambda: dst.mul_(1.0), dev, repeats, warmup=2)
     gb = 2 * n * 4 / 1e9
-    print(f"copy bandwidth: copy_ {gb / (ms_copy * 1e-3):.1f} GB/s, in-place mul_ {gb / (ms_rmw * 1e-3):.1f} GB/s "
-          f"({mib} MiB, read + write counted)", flush=True)
+    print(f"copy bandwidth: copy_ {gb / (ms_copy * 1e-3):.1f} GB/s, "
+          f"in-place mul_ {gb / (ms_rmw * 1e-3):.1f} GB/s ({mib} MiB, read + write counted)", flush=True)
     return gb / (min(ms_copy, ms_rmw) * 1e-3)
 
 
@@ -285,10 +288,10 @@ class Recorder:
         why = f"WRONG: rel err {err:.3e} > {budget:.0e} against the reference; not timed"
         self.wrong.append(f"{self.bench} {case} {provider}: {why}")
         nan = "nan"
-        self.rows.append(dict(self.base, bench=self.bench, case=case, shape=shape, provider=provider, impl=impl,
-                              ms_median=nan, ms_p20=nan, ms_p80=nan, repeats=0, bytes_model=bytes_model,
-                              gbps=nan, pct_copy_bw=nan, copy_gbps=f"{self.copy:.2f}", speedup_vs_eager="",
-                              note=why))
+        self.rows.append(dict(self.base, bench=self.bench, case=case, shape=shape, provider=provider,
+                              impl=impl, ms_median=nan, ms_p20=nan, ms_p80=nan, repeats=0,
+                              bytes_model=bytes_model, gbps=nan, pct_copy_bw=nan,
+                              copy_gbps=f"{self.copy:.2f}", speedup_vs_eager="", note=why))
         print(f"{case:>10} {provider:>22} ({impl:>12}) {why}", flush=True)
         return False
 
@@ -308,7 +311,8 @@ class Recorder:
                    copy_gbps=f"{self.copy:.2f}", speedup_vs_eager="", note=note)
         err = self._checked.get((case, provider))
         if err is not None:
-            row["note"] = "; ".join(x for x in (note, "checked: exact" if err == 0 else f"checked: rel {err:.1e}") if x)
+            checked = "checked: exact" if err == 0 else f"checked: rel {err:.1e}"
+            row["note"] = "; ".join(x for x in (note, checked) if x)
         self.rows.append(row)
         print(f"{case:>10} {provider:>22} ({impl:>12}) {ms:9.3f} ms  {gbps:8.2f} GB/s "
               f"{100 * gbps / self.copy:6.1f}% of copy   {note}", flush=True)
@@ -317,7 +321,8 @@ class Recorder:
     def speedups(self, eager_provider: str) -> None:
         """speedup_vs_eager = eager median / row median, per case; the markdown marks it "~" when the
         row's p20-p80 range overlaps the eager row's (within noise)."""
-        eager = {r["case"]: r for r in self.rows if r["provider"] == eager_provider and r["ms_median"] != "nan"}
+        eager = {r["case"]: r for r in self.rows
+                 if r["provider"] == eager_provider and r["ms_median"] != "nan"}
         for r in self.rows:
             e = eager.get(r["case"])
             if e is not None and r["ms_median"] != "nan":
@@ -332,15 +337,19 @@ class Recorder:
         csv_path, md_path = out / CSV_NAME, out / MD_NAME
         append_csv(csv_path, FIELDS, self.rows)
         b = self.base
+        repeats = "/".join(sorted({str(r["repeats"]) for r in self.rows if r["ms_median"] != "nan"}))
+        cuda_note = (" (device time, L2 flushed per call; target for fused ops: >= 85% of it)"
+                     if self.dev.type == "cuda" else "")
         lines = [f"\n## {self.bench} — {b['date']} — {b['device']}\n",
                  f"git {b['git_sha']}, torch {b['torch']}, triton {b['triton']}, Python {b['python']}"
                  + (f", {b['threads']} threads" if b["threads"] != "" else "")
                  + "; 1 warmup call (2 for torch.compile), "
-                 f"{'/'.join(sorted({str(r['repeats']) for r in self.rows if r['ms_median'] != 'nan'}))} timed calls per row (median, "
+                 f"{repeats} timed calls per row (median, "
                  f"p20-p80; ~ = within noise of eager); measured copy bandwidth {self.copy:.1f} GB/s"
-                 f"{' (device time, L2 flushed per call; target for fused ops: >= 85% of it)' if self.dev.type == 'cuda' else ''}; "
+                 f"{cuda_note}; "
                  f"every provider checked against the reference before timing. {header_note}\n",
-                 "| case | shape | provider | impl | ms (median) | p20-p80 | GB/s (byte model) | % copy BW | x eager | note |",
+                 "| case | shape | provider | impl | ms (median) | p20-p80 | GB/s (byte model) | % copy BW "
+                 "| x eager | note |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r['case']} | {r['shape']} | {r['provider']} | {r['impl']} | {r['ms_median']} | "
@@ -367,8 +376,9 @@ def common_args(parser):
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases")
     parser.add_argument("--no-write", action="store_true", help="print only, do not append results")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the tiny 'smoke' case only, 1 repeat (unless --repeats), no torch.compile, "
-                             "8 MiB bandwidth probe; seconds on a CPU, the numbers mean nothing")
+                        help="smoke run: the tiny 'smoke' case only, 1 repeat (unless --repeats), "
+                             "no torch.compile, 8 MiB bandwidth probe; seconds on a CPU, "
+                             "the numbers mean nothing")
     return parser
 
 
@@ -385,7 +395,8 @@ def select_cases(cases: dict, args) -> list[str]:
 
 
 def probe_bandwidth(dev: torch.device, args) -> float:
-    """--quick: an 8 MiB probe; a GPU: 1 GiB buffers (2 GiB moved per copy, far beyond any L2); CPU: 256 MiB."""
+    """--quick: an 8 MiB probe; a GPU: 1 GiB buffers (2 GiB moved per copy, far beyond any L2); CPU:
+    256 MiB."""
     if args.quick:
         return copy_bandwidth(dev, mib=8, repeats=2)
     return copy_bandwidth(dev, mib=1024 if dev.type == "cuda" else 256)

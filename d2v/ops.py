@@ -130,7 +130,9 @@ def _choose() -> dict[str, dict]:
         if impl == "auto":
             table[op] = _auto(op)
         elif impl in ("torch", "ref"):
-            why = f"forced by {forced_by}" + (" (as the fairseq reference computes it)" if impl == "ref" else "")
+            why = f"forced by {forced_by}" + (
+                " (as the fairseq reference computes it)" if impl == "ref" else ""
+            )
             table[op] = _entry(op, impl, why, impl, impl)
         elif impl not in _KERNELS[op]:  # a global cpp/cuda: only the EMA has such a kernel
             table[op] = _entry(op, "torch", f"{forced_by} has no {impl} kernel for {op}: torch reference",

@@ -276,7 +276,8 @@ def _kernels():
         tl.store(p, yc * tl.rsqrt(var + eps)[:, None], mask=m)
 
     return SimpleNamespace(targets=targets_kernel, stats=stats_kernel, combine=combine_kernel,
-                           apply=apply_kernel, normalize=normalize_kernel, layer_norm_rows=layer_norm_rows_kernel)
+                           apply=apply_kernel, normalize=normalize_kernel,
+                           layer_norm_rows=layer_norm_rows_kernel)
 
 
 def _check(layers: Sequence[torch.Tensor], final_norm: str) -> None:

@@ -197,7 +197,8 @@ def gather_triton(x_BTD: torch.Tensor, ids_RK: torch.Tensor, clones: int = 1) ->
     block_k, block_d = _tiles(K, D)
     with _triton.on_device(out):
         gather_kernel[(R, -(-K // block_k))](
-            x_BTD, ids_RK, out, K, D, clones, *x_BTD.stride(), *ids_RK.stride(), BLOCK_K=block_k, BLOCK_D=block_d
+            x_BTD, ids_RK, out, K, D, clones, *x_BTD.stride(), *ids_RK.stride(),
+            BLOCK_K=block_k, BLOCK_D=block_d,
         )
     return out
 
@@ -226,7 +227,8 @@ def _scatter_launch(src, inv, fill, out):
         scatter_kernel[(R, -(-T // block_t))](
             src if src is not None else out, inv, fill if fill is not None else out, out, T, D, *ss, *sf,
             HAS_SRC=src is not None, HAS_FILL=fill is not None, BLOCK_T=block_t, BLOCK_D=block_d,
-            ROUND_BF16=_triton.interpreting() and fill is not None and fill.dtype != out.dtype == torch.bfloat16,
+            ROUND_BF16=(_triton.interpreting() and fill is not None
+                        and fill.dtype != out.dtype == torch.bfloat16),
         )
     return out
 

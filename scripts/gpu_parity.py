@@ -80,10 +80,11 @@ _early_env(sys.argv[1:])
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from d2v.kernels import build_targets as kt  # noqa: E402
+
 from benchmarks import common as _common  # noqa: E402
 from benchmarks.common import git_sha  # noqa: E402,F401
 from d2v import _ext, ops  # noqa: E402
-from d2v.kernels import build_targets as kt  # noqa: E402
 
 FIELDS = ["date", "git_sha", "device", "torch", "triton", "case", "site", "op", "impl", "dtype", "shape",
           "rel_err", "max_abs_err", "nonfinite", "outside_band", "budget", "torch_rel_err", "secs", "status",
@@ -229,11 +230,13 @@ def run_check(rec: Recorder, case: str, site: str, op: str, impl: str, dtype: st
             m = measure(out, ref, band=band, exact=budget == "exact")
             rec.add(case, site, label, impl, dtype, shape, m, budget, secs, torch_rel, note=note)
         except Exception as e:
-            rec.add(case, site, label, impl, dtype, shape, None, budget, secs, error=f"{type(e).__name__}: {e}")
+            rec.add(case, site, label, impl, dtype, shape, None, budget, secs,
+                    error=f"{type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def masks(R: int, T: int, keep: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def masks(R: int, T: int, keep: int, dev: torch.device,
+          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids_keep (R, keep), ids_masked (R, T - keep)), each row's positions distinct and increasing, as
     d2v.masking.make_maskinfo returns them."""
     perm = torch.rand(R, T, device=dev, generator=g).argsort(1)
@@ -267,7 +270,8 @@ def check_gather_sites(rec, case, c, dname, dt, dev, g, impl):
         ref = x.detach().double().gather(1, _idx(ids_keep, D))
         gout = randn((R, keep, D), dt, dev, g)
         out.backward(gout)
-        gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev).scatter_(1, _idx(ids_keep, D), gout.double())
+        gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev)
+        gref.scatter_(1, _idx(ids_keep, D), gout.double())
         return [("masked_gather", out, ref, "exact", None, None, ""),
                 ("masked_gather backward", x.grad, gref, "exact", None, None, "zeros at masked slots")]
 
@@ -304,7 +308,8 @@ def check_gather_sites(rec, case, c, dname, dt, dev, g, impl):
         ref = pred.detach().double().gather(1, _idx(ids_m, D))
         gout = randn((R, N, D), dt, dev, g)
         out.backward(gout)
-        gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev).scatter_(1, _idx(ids_m, D), gout.double())
+        gref = torch.zeros(R, T, D, dtype=torch.float64, device=dev)
+        gref.scatter_(1, _idx(ids_m, D), gout.double())
         return [("masked_gather", out, ref, "exact", None, None, ""),
                 ("masked_gather backward", pred.grad, gref, "exact", None, None, "")]
 
@@ -373,7 +378,8 @@ def check_build_targets(rec, case, c, dname, dt, finals, dev, g, impl):
                 layers.append(full[:, E:])
             out = ops.build_targets(layers, instance_norm=True, final_norm=final)
             ref = targets_ref64(layers, final)
-            torch_rel = measure(kt.build_targets_ref(layers, instance_norm=True, final_norm=final), ref)["rel"]
+            torch_out = kt.build_targets_ref(layers, instance_norm=True, final_norm=final)
+            torch_rel = measure(torch_out, ref)["rel"]
             return [("build_targets", out, ref, BT_BUDGET, None, torch_rel,
                      f"final={final}, layers [:, {E}:] (strided)" if E else f"final={final}")]
 
@@ -419,7 +425,8 @@ def check_ema(rec, shapes, recipe, dev, g, impl, pdtypes):
             ema0 = [torch.randn(s, device=dev, generator=g) for s in shapes]
             par = [torch.randn(s, device=dev, generator=g).to(pdt) for s in shapes]
             ref = [e.double() + w * (p.double() - e.double()) for e, p in zip(ema0, par)]
-            band = [2.0 ** -22 * (r.abs() + e.double().abs() + w * p.double().abs()) for r, e, p in zip(ref, ema0, par)]
+            band = [2.0 ** -22 * (r.abs() + e.double().abs() + w * p.double().abs())
+                    for r, e, p in zip(ref, ema0, par)]
             return ema0, par, ref, band
 
         def foreach_rel(ema0, par, ref):
@@ -432,11 +439,12 @@ def check_ema(rec, shapes, recipe, dev, g, impl, pdtypes):
             ema = [e.clone() for e in ema0]
             low = [torch.full(s, float("nan"), device=dev, dtype=lowp) for s in shapes] if lowp else None
             ops.ema_update_(ema, par, EMA_DECAY, out_lowp=low)
-            res = [("ema_update_", ema, ref, EMA_BUDGET, band, foreach_rel(ema0, par, ref), f"decay {EMA_DECAY}")]
+            res = [("ema_update_", ema, ref, EMA_BUDGET, band, foreach_rel(ema0, par, ref),
+                    f"decay {EMA_DECAY}")]
             if lowp is not None:
                 lname = str(lowp).split(".")[-1]
-                res.append((f"ema_update_ out_lowp {lname}", low, [e.to(lowp) for e in ema], "exact", None, None,
-                            "= the kernel's fp32 result rounded to nearest even"))
+                res.append((f"ema_update_ out_lowp {lname}", low, [e.to(lowp) for e in ema], "exact", None,
+                            None, "= the kernel's fp32 result rounded to nearest even"))
                 res.append((f"ema_update_ out_lowp {lname} vs fp64", low, ref, LOWP_BUDGET[lowp], None, None,
                             "within the dtype's unit roundoff"))
             return res
@@ -463,8 +471,10 @@ def check_ema(rec, shapes, recipe, dev, g, impl, pdtypes):
 # ------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="small shapes (CPU dry run under TRITON_INTERPRET=1)")
-    ap.add_argument("--out", default=os.environ.get("D2V_PARITY_OUT", "/tmp/d2v_parity"), help="output folder")
+    ap.add_argument("--small", action="store_true",
+                    help="small shapes (CPU dry run under TRITON_INTERPRET=1)")
+    ap.add_argument("--out", default=os.environ.get("D2V_PARITY_OUT", "/tmp/d2v_parity"),
+                    help="output folder")
     ap.add_argument("--cases", default="", help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--grid", choices=["real", "full"], default="real",
                     help="real: bf16 everywhere, every dtype at vit_b; full: every dtype at every case")
@@ -473,7 +483,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--append", action="store_true",
-                    help="add to an existing <out>/parity.csv and parity.md (a second run, e.g. the EMA after a build)")
+                    help="add to an existing <out>/parity.csv and parity.md "
+                         "(a second run, e.g. the EMA after a build)")
     a = ap.parse_args()
 
     dev = torch.device(a.device)
@@ -522,7 +533,8 @@ def main() -> int:
             check_ema(rec, shapes, recipe, dev, g, a.impl,
                       [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 
-    header = (f"{'small (--small) shapes' if a.small else 'real shapes'}, D2V_OPS_IMPL={os.environ['D2V_OPS_IMPL']}, "
+    header = (f"{'small (--small) shapes' if a.small else 'real shapes'}, "
+              f"D2V_OPS_IMPL={os.environ['D2V_OPS_IMPL']}, "
               f"routes {routes}; rel = ||out - ref|| / ||ref|| against float64; budgets: copies exact, "
               f"build_targets {BT_BUDGET:.0e}, EMA {EMA_BUDGET:.0e} (+ per-element band), low-precision EMA "
               f"copy exact vs its own fp32 rounded; outputs poisoned with NaN; "

@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import bench_time_to_quality as ttq  # noqa: E402
-from benchmarks import bench_train_step as bts  # noqa: E402
+from benchmarks import bench_time_to_quality as ttq
+from benchmarks import bench_train_step as bts
 
 
 def _run(script, args, out, timeout=300):
@@ -46,8 +46,8 @@ def test_train_step_rows(tmp_path):
     assert [r["variant"] for r in rows] == ["d2v", "no_sdpa", "d2v1"]
     for r in rows:
         _stamped(r)
-        for k in ("ms_median", "ms_p20", "ms_p80", "views_per_s", "samples_per_s", "unit_per_s", "gflop_per_step",
-                  "d2v_speedup", "peak_mib"):
+        for k in ("ms_median", "ms_p20", "ms_p80", "views_per_s", "samples_per_s", "unit_per_s",
+                  "gflop_per_step", "d2v_speedup", "peak_mib"):
             assert math.isfinite(float(r[k])) and float(r[k]) > 0, (k, r[k])
         assert r["unit"] == "images/s" and r["mfu"] == ""  # no MFU without a GPU peak
         assert int(r["views"]) == int(r["batch"]) * int(r["clones"])
@@ -79,10 +79,12 @@ def test_train_step_variant_specs():
 
 @pytest.mark.slow
 def test_time_to_quality_rows(tmp_path):
-    out = _run("bench_time_to_quality.py", ["--quick", "--out-root", str(tmp_path / "runs")], tmp_path / "res",
-               timeout=600)
+    out = _run("bench_time_to_quality.py", ["--quick", "--out-root", str(tmp_path / "runs")],
+               tmp_path / "res", timeout=600)
     rows = _rows(tmp_path / "res" / "time_to_quality.csv", ttq.FIELDS)
-    assert [(r["run"], r["step"]) for r in rows] == [("d2v2", "0"), ("d2v2", "2"), ("d2v1", "0"), ("d2v1", "2")]
+    assert [(r["run"], r["step"]) for r in rows] == [
+        ("d2v2", "0"), ("d2v2", "2"), ("d2v1", "0"), ("d2v1", "2")
+    ]
     for r in rows:
         _stamped(r)
         for k in ("student_full", "student_fewshot", "random_full", "random_fewshot"):
@@ -141,7 +143,8 @@ def test_failed_variant_gets_a_nan_row_rounds_pool_and_exit_is_nonzero(tmp_path,
     assert all(c["overrides"]["optim.lr"] == "0.001" for c in calls)
     rows = _rows(tmp_path / "train_step.csv", bts.FIELDS)
     d2v, bad, nms = rows
-    assert float(d2v["ms_median"]) == 11.5 and float(d2v["ms_p20"]) == pytest.approx(10.6)  # pooled [10,11,12,13]
+    # pooled [10,11,12,13]
+    assert float(d2v["ms_median"]) == 11.5 and float(d2v["ms_p20"]) == pytest.approx(10.6)
     assert (d2v["rounds"], d2v["warmup"], d2v["set"], d2v["config"]) == ("2", "0", "optim.lr=0.001",
                                                                         "configs/tiny_image.yaml")
     assert bad["note"].startswith("FAILED: torch.OutOfMemoryError") and math.isnan(float(bad["ms_median"]))
@@ -170,7 +173,8 @@ def test_peak_flops_names_and_tf32():
     assert bts._peak_flops("NVIDIA H100 PCIe", "bf16", "") == 756e12
     assert bts._peak_flops("NVIDIA H100 NVL", "bf16", "") is None  # not the SXM figure
     assert bts._peak_flops("NVIDIA H200 NVL", "bf16", "") is None
-    assert bts._peak_flops("NVIDIA A10G", "bf16", "") is None and bts._peak_flops("NVIDIA A100-SXM4-80GB", "bf16", "")
+    assert (bts._peak_flops("NVIDIA A10G", "bf16", "") is None
+            and bts._peak_flops("NVIDIA A100-SXM4-80GB", "bf16", ""))
     assert bts._peak_flops("NVIDIA H200", "fp32", "on") == 494.7e12
     assert bts._peak_flops("NVIDIA H200", "fp32", "off") == 66.9e12
     assert bts._peak_flops("NVIDIA H200", "fp32", "mixed") is None
@@ -206,10 +210,10 @@ def test_ref_ops_path_computes_as_the_reference(monkeypatch):
     another order than the torch reference, so the two agree within fp32 rounding, not bit for bit:
     budget 8 ulps(1.0) * sqrt(T) on O(1) normalized outputs (measured <= 2 ulps * sqrt(T))."""
     import torch
+    from d2v.kernels import build_targets as kt
 
     from benchmarks import bench_build_targets as bbt
     from d2v import ops
-    from d2v.kernels import build_targets as kt
 
     torch.manual_seed(0)
     B, T, D = 3, 49, 32
@@ -231,7 +235,8 @@ def test_ref_ops_path_computes_as_the_reference(monkeypatch):
         ops._reset_backend()
     tol = 8 * torch.finfo(torch.float32).eps * T**0.5
     for fn in ("none", "layer", "instance"):
-        torch.testing.assert_close(out["ref"][fn], kt.build_targets_fairseq(layers, final_norm=fn), atol=0, rtol=0)
+        torch.testing.assert_close(out["ref"][fn], kt.build_targets_fairseq(layers, final_norm=fn),
+                                   atol=0, rtol=0)
         torch.testing.assert_close(out["ref"][fn], out["torch"][fn], atol=tol, rtol=0)
     assert torch.equal(bbt.fairseq_chain(layers, "layer"), out["ref"]["layer"])  # one shared copy
     assert out["ref"]["fn"] == "GatherBackward0" and out["torch"]["fn"] != "GatherBackward0"

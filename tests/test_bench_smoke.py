@@ -17,9 +17,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import bench_train_step as bts  # noqa: E402
-from benchmarks import bench_zero  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import bench_train_step as bts
+from benchmarks import (
+    bench_zero,
+    common,
+)
 
 CASES = {
     "bench_ema.py": (["--quick"], "kernels", common.FIELDS, "ema_update_"),
@@ -31,7 +33,8 @@ CASES = {
 
 
 def _snapshot():
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in (ROOT / "benchmarks" / "results").iterdir()}
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (ROOT / "benchmarks" / "results").iterdir()}
 
 
 @pytest.mark.parametrize("script", list(CASES))
@@ -50,7 +53,9 @@ def test_benchmark_writes_stamped_rows(script, tmp_path):
     for r in rows:
         for k in ("date", "git_sha", "device", "torch", "python"):
             assert r[k], f"{script}: empty {k}"
-        for k in ("ms_median",) + (("ms_p20", "ms_p80", "gbps") if stem == "kernels" else ("ms_min", "peak_mib")):
+        for k in ("ms_median",) + (
+            ("ms_p20", "ms_p80", "gbps") if stem == "kernels" else ("ms_min", "peak_mib")
+        ):
             v = float(r[k])
             assert math.isfinite(v) and v > 0, (script, k, r[k])
         if bench_name:
@@ -64,7 +69,8 @@ def test_benchmark_writes_stamped_rows(script, tmp_path):
 
 
 def test_unknown_case_is_named():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"), "--cases", "vit_x", "--no-write"],
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"),
+                          "--cases", "vit_x", "--no-write"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode != 0 and "vit_x" in res.stderr
 
@@ -73,8 +79,9 @@ def test_quick_writes_nothing_without_d2v_bench_results():
     """--quick numbers mean nothing: without D2V_BENCH_RESULTS they are printed, not written."""
     before = _snapshot()
     env = {k: v for k, v in os.environ.items() if k != "D2V_BENCH_RESULTS"}
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"), "--quick"], capture_output=True,
-                         text=True, env=dict(env, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=300)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ema.py"), "--quick"],
+                         capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), cwd=ROOT,
+                         timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "not writing results" in res.stdout and str(common.RESULTS) in res.stdout
     assert _snapshot() == before

@@ -32,23 +32,6 @@ from d2v.checkpoint import (
 ENFORCE_FAIL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 
 
-@pytest.fixture
-def d2v_log():
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    h, lg = Keep(logging.DEBUG), logging.getLogger("d2v")
-    level = lg.level
-    lg.addHandler(h)
-    lg.setLevel(logging.DEBUG)
-    yield records
-    lg.removeHandler(h)
-    lg.setLevel(level)
-
-
 def _run(tmp_path, steps=(1, 2, 3), keep_last=5):
     out = tmp_path / "run"
     for s in steps:

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import micro_overrides
+from tests.utils import micro_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_image.yaml")
@@ -136,8 +136,8 @@ def test_options_and_overrides_in_any_order():
     failed with 'unrecognized arguments'."""
     from d2v.cli import parse_args
 
-    args = parse_args(["pretrain", "--config", "tiny_image", "data.path=/d", "--no-probe", "train.max_steps=10",
-                       "--quiet", "train.seed=3"])
+    args = parse_args(["pretrain", "--config", "tiny_image", "data.path=/d", "--no-probe",
+                       "train.max_steps=10", "--quiet", "train.seed=3"])
     assert args.overrides == ["data.path=/d", "train.max_steps=10", "train.seed=3"]
     assert args.no_probe and args.quiet and args.resume is None
     # --resume takes an optional folder: a key=value right after it is an override, not the folder

@@ -21,11 +21,13 @@ def test_recipes_load_and_round_trip(name):
 def test_base_image_is_the_paper_recipe():
     c = load_config(CONFIGS / "base_image.yaml")
     m = c.model
-    assert (m.image_size, m.patch_size, m.embed_dim, m.depth, m.prenet_depth, m.num_heads) == (224, 16, 768, 10, 2, 12)
+    assert (m.image_size, m.patch_size, m.embed_dim, m.depth, m.prenet_depth, m.num_heads) == \
+        (224, 16, 768, 10, 2, 12)
     assert (m.decoder.dim, m.decoder.kernel, m.decoder.layers, m.decoder.groups) == (768, 3, 6, 16)
-    assert (c.masking.mask_prob, c.masking.mask_length, c.masking.mask_prob_adjust, c.masking.clone_batch) == \
-        (0.8, 3, 0.07, 16)
-    assert (c.objective.average_top_k_layers, c.objective.final_norm, c.objective.cls_loss) == (10, "layer", 0.01)
+    mk = c.masking
+    assert (mk.mask_prob, mk.mask_length, mk.mask_prob_adjust, mk.clone_batch) == (0.8, 3, 0.07, 16)
+    assert (c.objective.average_top_k_layers, c.objective.final_norm, c.objective.cls_loss) == \
+        (10, "layer", 0.01)
     assert c.objective.loss_scale is None and c.objective.loss_beta == 0.0
     assert (c.ema.ema_start, c.ema.ema_end, c.ema.anneal_end_step) == (0.9998, 0.99999, 100000)
     o = c.optim
@@ -37,7 +39,8 @@ def test_base_image_is_the_paper_recipe():
 def test_large_image_values():
     c = load_config(CONFIGS / "large_image.yaml")
     assert (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.decoder.kernel) == (1024, 24, 16, 5)
-    assert (c.masking.mask_prob, c.masking.mask_prob_adjust, c.objective.average_top_k_layers) == (0.75, 0.1, 18)
+    assert (c.masking.mask_prob, c.masking.mask_prob_adjust, c.objective.average_top_k_layers) == \
+        (0.75, 0.1, 18)
 
 
 def test_unknown_key_names_it_with_suggestion(tmp_path):
@@ -83,7 +86,8 @@ def test_extra_tokens_are_image_only(recipe):
 
 def test_overrides_parse_yaml_and_flavor_then_fields():
     c = load_config(CONFIGS / "tiny_image.yaml", ["train.max_steps=7", "optim.betas=[0.8, 0.9]",
-                                                  "data.path=/x/y", "model.depth=6", "objective.loss_scale=1"])
+                                                  "data.path=/x/y", "model.depth=6",
+                                                  "objective.loss_scale=1"])
     assert c.train.max_steps == 7 and c.optim.betas == (0.8, 0.9) and c.data.path == "/x/y"
     assert c.model.depth == 6 and c.model.embed_dim == 128  # flavor preset, then the override
     assert c.objective.loss_scale == 1.0
@@ -107,7 +111,8 @@ def test_normalization_defaults_follow_the_data():
     from d2v.data.images import IMAGENET_MEAN
 
     assert normalization(load_config(CONFIGS / "tiny_image.yaml"))[0] == tuple(DIGITS32_MEAN)
-    assert normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.path=/x"]))[0] == tuple(IMAGENET_MEAN)
+    got = normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.path=/x"]))[0]
+    assert got == tuple(IMAGENET_MEAN)
     got = normalization(load_config(CONFIGS / "tiny_image.yaml", ["data.mean=[0.1,0.2,0.3]"]))[0]
     assert got == (0.1, 0.2, 0.3)
 
@@ -125,7 +130,7 @@ def test_compile_may_change_on_resume():
     check_resume_config(old, now, "ck")
 
 
-# ---- every key checked before any work, one line per bad key -------------------------------------------------
+# ---- every key checked before any work, one line per bad key -----------------------------------------------
 
 @pytest.mark.parametrize("override,line", [
     ("model.patch_size=0", "model.patch_size must be >= 1, got 0"),
@@ -141,7 +146,8 @@ def test_bad_key_is_named_before_any_work(override, line):
 
 
 def test_audio_embed_dim_must_fit_the_decoder_groups():
-    with pytest.raises(ConfigError, match=r"model.embed_dim \(100\) must be divisible by model.decoder.groups"):
+    with pytest.raises(ConfigError,
+                       match=r"model.embed_dim \(100\) must be divisible by model.decoder.groups"):
         load_config(CONFIGS / "tiny_audio.yaml", ["model.embed_dim=100", "model.num_heads=4",
                                                   "model.conv_pos_groups=4"])
 
@@ -170,7 +176,7 @@ def test_type_errors_are_all_listed():
         assert key in text
 
 
-# ---- numbers written without a dot (YAML 1.1 reads 1e-3 as a string) -----------------------------------------
+# ---- numbers written without a dot (YAML 1.1 reads 1e-3 as a string) ---------------------------------------
 
 def test_exponent_numbers_are_numbers(tmp_path):
     c = load_config(CONFIGS / "tiny_image.yaml", ["optim.lr=1e-3", "optim.eps=1E-8", "train.max_steps=1e3",
@@ -186,7 +192,7 @@ def test_exponent_numbers_are_numbers(tmp_path):
         load_config(None, ["optim.lr=.nan"])
 
 
-# ---- property-style: every numeric key, a table of bad values per kind ------------------------------------------
+# ---- property-style: every numeric key, a table of bad values per kind -------------------------------------
 
 # the valid set of each numeric key; keys not listed are integers >= 1
 KINDS = {
@@ -203,14 +209,16 @@ KINDS = {
     "ema.ema_start": "[0,1]", "ema.ema_end": "[0,1]", "ema.anneal_end_step": ">=0",
     "optim.lr": ">0", "optim.betas": "[0,1)", "optim.eps": ">0", "optim.weight_decay": ">=0",
     "optim.warmup_steps": ">=0", "optim.min_lr": ">=0", "optim.clip_norm": ">=0",
-    "train.seed": ">=0", "train.num_threads": ">=0", "train.ckpt_every_minutes": ">=0", "engine.timeout_minutes": ">0",
+    "train.seed": ">=0", "train.num_threads": ">=0", "train.ckpt_every_minutes": ">=0",
+    "engine.timeout_minutes": ">0",
     "data.crop_scale": "(0,1]", "data.crop_ratio": ">0", "data.mean": "any", "data.std": ">0",
     "data.sample_rate": ">=1000", "data.tokens_per_sample": ">=2", "data.num_workers": ">=0",
     "probe.seed": ">=0", "engine.zero_stage": "{0,1,2,3}",
 }
 BAD = {
     ">=1": [0, -1], ">=0": [-1], ">=2": [1, 0, -3], ">=8": [7, -1], ">=1000": [999, -1],
-    ">0": [0, -1e-3], "[0,1)": [-0.1, 1, 1.5], "(0,1)": [0, 1, -0.5], "[0,1]": [-0.1, 1.01], "(0,1]": [0, 1.5, -1],
+    ">0": [0, -1e-3], "[0,1)": [-0.1, 1, 1.5], "(0,1)": [0, 1, -0.5], "[0,1]": [-0.1, 1.01],
+    "(0,1]": [0, 1.5, -1],
     "odd": [0, -1, 4], "{1,2}": [0, 3], "{0,1,2,3}": [-1, 4], "any": [],
 }
 NOT_NUMBERS = ["abc", "1e", "[1]", "true"]
@@ -258,7 +266,7 @@ def test_every_numeric_key_rejects_bad_values(key, override, named):
     assert any(s.startswith(named) and s[len(named)] in " :" for s in lines), (override, str(e.value))
 
 
-# ---- hypothesis: invalid values drawn from each key's complement ------------------------------------------------
+# ---- hypothesis: invalid values drawn from each key's complement -------------------------------------------
 
 def _invalid(kind: str):
     """A hypothesis strategy of values outside a kind's valid set (numbers, and things that are not)."""

@@ -14,13 +14,10 @@ tests/test_packaging.py.)
 
 Run: .venv/bin/python -m pytest -q tests/test_install.py
 """
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import types
 import warnings
 from pathlib import Path
@@ -31,7 +28,7 @@ import torch.utils.cpp_extension as cpp_extension
 
 from d2v import _ext
 from d2v._optional import MissingDependency, _warn_once, optional, require
-from tests.conftest import micro_overrides
+from tests.utils import copy_sources, load_setup, micro_overrides, scratch_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = ("soundfile", "tokenizers", "deepspeed", "matplotlib")
@@ -130,14 +127,6 @@ def test_loss_curve_is_skipped_without_matplotlib(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------- C++ standard and build fallback
-
-
-def load_setup():
-    """setup.py as a module (its setup() call runs only as __main__)."""
-    spec = importlib.util.spec_from_file_location("d2v_setup", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
@@ -274,20 +263,8 @@ def test_pip_install_without_a_compiler_gives_a_pure_python_install(tmp_path):
     environment's packages (torch) but has no working C++ compiler: the install succeeds with a
     warning, and d2v imports and reports no extension, with the reason recorded at install (no pip -v
     needed) and no JIT build started: D2V_JIT_EXT=0, then the default with no compiler found."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("d2v", "kernels"):
-        shutil.copytree(ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json"))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    # this environment's packages as a plain path: its editable d2v (a .pth hook) stays invisible
-    Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    src = copy_sources(tmp_path / "src")
+    py, site = scratch_venv(tmp_path / "venv")  # sees this environment's torch, not its editable d2v
     env = dict(os.environ, CC="/bin/false", CXX="/bin/false", PIP_DISABLE_PIP_VERSION_CHECK="1")
     for k in ("D2V_SKIP_EXT", "D2V_NO_CUDA", "PYTHONPATH"):
         env.pop(k, None)

@@ -13,8 +13,8 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("grid,prob,length,adjust", [(14, 0.8, 3, 0.07), (14, 0.75, 3, 0.1), (8, 0.8, 3, 0.07),
-                                                     (5, 0.5, 2, 0.0), (7, 0.6, 1, 0.0)])
+@pytest.mark.parametrize("grid,prob,length,adjust", [(14, 0.8, 3, 0.07), (14, 0.75, 3, 0.1),
+                                                     (8, 0.8, 3, 0.07), (5, 0.5, 2, 0.0), (7, 0.6, 1, 0.0)])
 def test_inverse_block_exact_counts(grid, prob, length, adjust):
     m = inverse_block_mask(64, grid, grid, mask_prob=prob, mask_length=length, adjust=adjust, generator=gen())
     L = grid * grid

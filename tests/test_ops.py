@@ -10,9 +10,9 @@ Run: .venv/bin/python -m pytest -q tests/test_ops.py
 """
 import pytest
 import torch
+from d2v.kernels.ema_update import ema_update_ref_
 
 from d2v import ops
-from d2v.kernels.ema_update import ema_update_ref_
 from tests.utils import assert_close_verbose, targets_fp64
 
 SHAPES = [(1, 1, 1), (2, 7, 3), (3, 13, 17), (5, 49, 32), (2, 197, 768)]

@@ -12,14 +12,11 @@ faked (the real one: tests/kernels/test_extension.py, D2V_TEST_JIT=1).
 
 Run: .venv/bin/python -m pytest -q tests/test_packaging.py
 """
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import types
 import zipfile
 from pathlib import Path
@@ -30,6 +27,7 @@ import torch.utils.cpp_extension as cpp_extension
 import d2v
 from d2v import _ext, ops
 from d2v.recipes import RECIPES_DIR, list_recipes, resolve_config_path
+from tests.utils import copy_sources, load_setup, scratch_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["base_audio", "base_image", "base_text", "large_image", "tiny_audio", "tiny_image",
@@ -78,13 +76,6 @@ def test_resolve_config_path(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------- setup.py's build record
-
-
-def load_setup():
-    spec = importlib.util.spec_from_file_location("d2v_setup", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_setup_records_why_the_extension_is_skipped(monkeypatch):
@@ -242,13 +233,7 @@ def test_prebuilt_reason_carries_the_cuda_fallback(no_prebuilt, monkeypatch):
 def wheel(tmp_path_factory):
     """A wheel built from a copy of the sources (the checkout's build/ stays untouched)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("d2v", "kernels"):
-        shutil.copytree(ROOT / name, src / name,
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json"))
+    src = copy_sources(tmp / "src")
     env = dict(os.environ, D2V_SKIP_EXT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                         "--no-index", "-w", str(tmp / "dist"), str(src)],
@@ -276,12 +261,7 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     """The wheel in a scratch venv that sees this environment's packages (torch) but not its editable d2v:
     `tiny_image` resolves to the installed recipe from an unrelated folder, and the reason for the
     missing d2v._C is the one recorded at build time."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # no editable-d2v hook
+    py, site = scratch_venv(tmp_path / "venv")  # sees this environment's torch, not its editable d2v
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "D2V_SKIP_EXT", "D2V_JIT_EXT")}
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
                         "--no-index", "--disable-pip-version-check", str(wheel)],

@@ -35,24 +35,6 @@ time.sleep(120)
 """
 
 
-@pytest.fixture
-def d2v_log():
-    """The records logged under the "d2v" logger (whether or not it propagates to the root)."""
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    h, lg = Keep(logging.DEBUG), logging.getLogger("d2v")
-    level = lg.level
-    lg.addHandler(h)
-    lg.setLevel(logging.DEBUG)
-    yield records
-    lg.removeHandler(h)
-    lg.setLevel(level)
-
-
 def _start_holder(out, *extra):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), *extra], stdout=subprocess.PIPE,

@@ -18,8 +18,13 @@ import torch.nn as nn
 from d2v.blocks import Block, BlockEncoder
 from d2v.config import ModelConfig
 from d2v.masking import MaskInfo
-from d2v.modalities.base import (ModalityEncoder, check_no_padding_with_mask, clone_rows, key_padding_bias,
-                                 keep_tokens)
+from d2v.modalities.base import (
+    ModalityEncoder,
+    check_no_padding_with_mask,
+    clone_rows,
+    keep_tokens,
+    key_padding_bias,
+)
 from d2v.modalities.decoders import Decoder1d
 
 PAD_ID = 1  # fairseq dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3

@@ -14,9 +14,9 @@ Run: .venv/bin/python -m pytest -q tests/kernels/test_build_targets.py
 """
 import pytest
 import torch
+from d2v.kernels import build_targets as kt
 
 from d2v import ops
-from d2v.kernels import build_targets as kt
 from tests.utils import assert_close_verbose, targets_atol, targets_fp64
 
 FINAL_NORMS = ["none", "layer", "instance"]
@@ -76,7 +76,8 @@ def test_triton_build_targets_many_layers_over_launches(impl, triton_device):
     continue the fp32 running sum; the result stays within the fp32 budget for every final norm, on
     CLS-stripped views."""
     impl("triton")
-    layers = [torch.randn(2, 6, 5, device=triton_device)[:, 1:] * 2 - 1 for _ in range(kt._STRIP_MAX_LAYERS + 3)]
+    layers = [torch.randn(2, 6, 5, device=triton_device)[:, 1:] * 2 - 1
+              for _ in range(kt._STRIP_MAX_LAYERS + 3)]
     for final_norm in ("none", "layer", "instance"):
         _check(ops.build_targets(layers, final_norm=final_norm), layers, True, final_norm, f"K={len(layers)}")
 

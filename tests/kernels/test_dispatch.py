@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from d2v.kernels import _triton
 
 from d2v import _ext, ops
-from d2v.kernels import _triton
 
 
 def test_auto_on_cpu_reports_paths_and_reasons(impl):

@@ -10,9 +10,9 @@ Run: .venv/bin/python -m pytest -q tests/kernels/test_masked_gather.py
 """
 import pytest
 import torch
+from d2v.kernels import masked_gather as kg
 
 from d2v import ops
-from d2v.kernels import masked_gather as kg
 from d2v.masking import make_maskinfo
 from d2v.modalities.base import clone_rows
 from tests.utils import rand_ids
