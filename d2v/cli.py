@@ -14,7 +14,7 @@ Exit codes: 0 done; 2 a usage, config, data or checkpoint error (one line naming
 SIGINT after writing a checkpoint (resume with --resume); 130 interrupted at once (a second Ctrl-C, or
 Ctrl-C outside the training loop; the last complete checkpoint is kept).
 
-On several processes (engine.name=deepspeed or ddp: d2v/backends/):
+On several processes (engine.name=deepspeed, ddp or fsdp2: d2v/backends/; auto = deepspeed):
   deepspeed --num_gpus N --module d2v pretrain --config ...   (add --hostfile FILE for several nodes)
   torchrun --nproc_per_node N -m d2v pretrain --config ...
 """

@@ -234,3 +234,30 @@ def test_torchrun_starts_two_fsdp2_ranks(tmp_path):
     assert log.count("d2v pretrain |") == 1 and "FSDP2 (fully_shard per block) on 2 rank(s)" in log
     state, _, ck = load_checkpoint(out)
     assert state["engine"] == "fsdp2" and ck.name == "step_00000004"
+
+
+def _gpu_worker(rank, port, root):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from d2v.trainer import Trainer
+
+    cfg = _cfg(Path(root) / "gpu", **{"train.precision": "bf16", "engine.grad_accum_steps": 2,
+                                      "train.max_steps": 4, "train.log_every": 1})
+    tr = Trainer(cfg, progress=False)
+    _poison(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
+    summary = tr.train()
+    torch.save({"backend": torch.distributed.get_backend(), "device": tr.device.type, "steps": tr.step,
+                "skipped": summary["skipped_steps"]}, Path(root) / "gpu.pt")
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_bf16_with_a_skipped_step(tmp_path):
+    """One process on NCCL (CUDA tensors only): the flag all-reduce, the metric all-reduce, a skipped
+    step and the collective checkpoint write."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gpu_worker, args=(_free_port(), str(tmp_path)), nprocs=1)
+    rec = torch.load(tmp_path / "gpu.pt")
+    assert rec == {"backend": "nccl", "device": "cuda", "steps": 4, "skipped": 1}, rec
+    rows = read_metrics(tmp_path / "gpu" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
