@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 
 from d2v._optional import optional
+from d2v.objective import STAT_KEYS
 
-COLUMNS = ("step", "loss", "loss_reg", "loss_cls", "target_var", "pred_var", "ema_decay", "lr",
-           "grad_norm", "samples_per_s", "elapsed_s")
+COLUMNS = ("step", *STAT_KEYS, "ema_decay", "lr", "grad_norm", "samples_per_s", "elapsed_s")
 MARKER_MAX_POINTS = 20  # loss-curve lines with this few logged rows get markers
 LR_COLOR, EMA_COLOR = "tab:blue", "tab:red"
 

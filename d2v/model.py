@@ -1,10 +1,11 @@
-"""The data2vec 2.0 model: student encoder + decoder, the objective, and the teacher's targets.
+"""The data2vec 2.0 model: student encoder + decoder and the teacher's targets; the loss itself is
+d2v/objective.py.
 
-One training step (see DESIGN.md): the student embeds each sample once, repeats it for the M
+One training step (docs/architecture.md): the student embeds each sample once, repeats it for the M
 clones, encodes only the kept tokens, and its decoder fills the masked slots from noise; the EMA
 teacher encodes the unmasked sample once; targets are the average of its instance-normed top-K FFN
 outputs, indexed per clone (never copied M times); the loss is L2 at masked positions plus the CLS
-regression. Model code knows nothing of optimizers, logging or checkpoints.
+regression (d2v.objective). Model code knows nothing of optimizers, logging or checkpoints.
 
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept, N = T - K masked per row,
 E extra (CLS) tokens, D width.
@@ -13,17 +14,15 @@ References: fairseq examples/data2vec/models/data2vec2.py (forward, make_targets
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from d2v import ops
 from d2v.blocks import Attention, Block
 from d2v.config import ModelConfig, ObjectiveConfig
 from d2v.masking import MaskInfo
 from d2v.modalities import build_modality_encoder
+from d2v.objective import data2vec_loss
 
 
 def reference_key_prefixes(modality: str = "image") -> dict[str, str]:
@@ -33,8 +32,6 @@ def reference_key_prefixes(modality: str = "image") -> dict[str, str]:
 
 
 REFERENCE_KEY_PREFIXES = reference_key_prefixes("image")
-
-STAT_KEYS = ("loss", "loss_reg", "loss_cls", "target_var", "pred_var")
 
 
 def _bert_init(m: nn.Module) -> None:
@@ -49,11 +46,6 @@ def _bert_init(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def _std_over_tokens(y_ND: torch.Tensor) -> torch.Tensor:
-    """Mean over dims of the std across tokens (the reference's target_var / pred_var)."""
-    return y_ND.float().std(dim=0).mean()
 
 
 class Data2Vec2(nn.Module):
@@ -181,10 +173,9 @@ class Data2Vec2(nn.Module):
 
     # ----------------------------------------------------------------------------------- objective
     def forward(self, source: torch.Tensor, mask: MaskInfo) -> dict[str, torch.Tensor]:
-        """source (B, ...), mask over R = B*M rows -> dict of scalar tensors (no host sync).
-
-        loss = s * mean over masked tokens of sum_d l(pred, y) + cls_loss * s * sum over rows of
-        sum_d (cls - mean_T y)^2, s = loss_scale or 1/sqrt(D): the reference's (R + C) / N."""
+        """source (B, ...), mask over R = B*M rows -> the STAT_KEYS as scalar tensors (no host sync):
+        the student's predictions and the teacher's targets at the masked positions, scored by
+        d2v.objective.data2vec_loss."""
         B, R = source.shape[0], mask.ids_keep.shape[0]
         if R % B:
             raise ValueError(f"mask has {R} rows, not a multiple of the batch size {B}")
@@ -206,28 +197,8 @@ class Data2Vec2(nn.Module):
             p_m = ops.masked_gather(pred, ids_masked).float()  # (R, N, D)
 
         y = self.make_targets(source, local.detach())  # (B, T, D) fp32
-        D = y.shape[-1]
-        sample = torch.arange(R, device=y.device) // M  # (R,) sample of each clone row
         y_m = ops.masked_targets(y, ids_masked, M)  # (R, N, D), per-clone index into the shared targets
-        scale = obj.loss_scale if obj.loss_scale is not None else 1.0 / math.sqrt(D)
-        if obj.loss_beta == 0:
-            elem = (p_m - y_m).pow(2)
-        else:
-            elem = F.smooth_l1_loss(p_m, y_m, reduction="none", beta=obj.loss_beta)
-        n_masked = ids_masked.numel()
-        loss_reg = elem.sum() * scale / max(n_masked, 1)
-        out = {"loss_reg": loss_reg}
-        if obj.cls_loss > 0 and E > 0:
-            cls_target = y.mean(dim=1)[sample]  # (R, D): mean over tokens of the final targets
-            loss_cls = obj.cls_loss * scale * (x[:, 0].float() - cls_target).pow(2).sum()
-        else:
-            loss_cls = loss_reg.new_zeros(())
-        out["loss_cls"] = loss_cls
-        out["loss"] = loss_reg + loss_cls
-        with torch.no_grad():
-            out["target_var"] = _std_over_tokens(y_m.reshape(-1, D))
-            out["pred_var"] = _std_over_tokens(p_m.reshape(-1, D))
-        return out
+        return data2vec_loss(p_m, y_m, y, x[:, 0] if E > 0 else None, M, obj)
 
 
 def build_model(cfg) -> Data2Vec2:

@@ -1,4 +1,4 @@
-"""The one dispatch point for d2v's fused ops (stable public API; see DESIGN.md).
+"""The one dispatch point for d2v's fused ops (stable public API: README, Using d2v from other projects).
 
 Each op chooses its implementation once, on first use, for CPU tensors and for CUDA tensors, and records
 why: Triton on CUDA tensors (when triton imports), the CUDA/C++ extension `d2v._C` where it is built

@@ -36,7 +36,8 @@ from d2v.checkpoint import (
 from d2v.config import Config, check_resume_config
 from d2v.log import add_run_log, get_logger, remove_run_log
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
-from d2v.model import STAT_KEYS, build_model
+from d2v.model import build_model
+from d2v.objective import STAT_KEYS
 from d2v.optim import check_schedule_change, lr_at
 from d2v.preempt import StopRequest
 from d2v.rng import rank_seed, seed_everything

@@ -4,7 +4,7 @@ included): no import cycle between d2v modules, no upward import between layers,
 
 Layers (each may import its own and the ones listed for it):
   base   log, _optional, preempt, runlock, recipes, rng, registry (pure data), _ext, kernels
-  core   config, checkpoint (the file format), metrics, ops, masking, audio_frames
+  core   config, checkpoint (the file format), metrics, ops, masking, audio_frames, objective
   model  blocks, modalities, model, ema                     -> base, core
   data   data                                               -> base, core (never the model layer)
   train  optim, backends                                    -> base, core, model
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "base": ["d2v.log", "d2v._optional", "d2v.preempt", "d2v.runlock", "d2v.recipes", "d2v.rng",
              "d2v.registry", "d2v._ext", "d2v.kernels"],
-    "core": ["d2v.config", "d2v.checkpoint", "d2v.metrics", "d2v.ops", "d2v.masking", "d2v.audio_frames"],
+    "core": ["d2v.config", "d2v.checkpoint", "d2v.metrics", "d2v.ops", "d2v.masking", "d2v.audio_frames",
+             "d2v.objective"],
     "model": ["d2v.blocks", "d2v.modalities", "d2v.model", "d2v.ema"],
     "data": ["d2v.data"],
     "train": ["d2v.optim", "d2v.backends"],

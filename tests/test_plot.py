@@ -74,7 +74,7 @@ def test_image_run_draws_loss_parts_separately(tmp_path):
 
 
 def test_var_panel_says_what_target_var_and_pred_var_are(tmp_path):
-    # model.py: _std_over_tokens = std over the masked tokens per feature dim, mean over dims
+    # d2v/objective.py: std_over_tokens = std over the masked tokens per feature dim, mean over dims
     csv = _write_run(tmp_path / "run", steps=6, cls_loss=False)
     ax_var = _panels(loss_curve_figure(read_metrics(csv)))[1]
     title = ax_var.get_title()

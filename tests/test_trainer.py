@@ -223,7 +223,7 @@ def test_resume_may_switch_engine_name():
 
 def _run_recorded(cfg) -> tuple[Trainer, list[dict]]:
     """Train and return each step's logged quantities, read at full precision right after the step."""
-    from d2v.model import STAT_KEYS
+    from d2v.objective import STAT_KEYS
 
     tr = Trainer(cfg, progress=False)
     rows, step = [], tr.train_step

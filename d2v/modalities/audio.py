@@ -30,7 +30,7 @@ from d2v.modalities.base import (
     clone_rows,
     key_padding_bias,
 )
-from d2v.modalities.decoders import ChannelLayerNorm, Decoder1d
+from d2v.modalities.decoders import ChannelLayerNorm, build_decoder
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -114,7 +114,7 @@ class AudioEncoder(ModalityEncoder):
         prenet = [Block(D, H, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout, cfg.attention_dropout,
                         cfg.activation_dropout, cfg.post_mlp_dropout) for _ in range(cfg.prenet_depth)]
         self.context_encoder = BlockEncoder(prenet, nn.LayerNorm(D, eps=cfg.norm_eps), cfg.prenet_dropout)
-        self.decoder: Decoder1d | None = Decoder1d(cfg.decoder, D)
+        self.decoder: nn.Module | None = build_decoder(cfg)
 
     def local_features(self, wav_BL: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """Waveforms (B, L) (+ sample padding mask (B, L), True = pad) -> (B, T, D) and the frame

@@ -19,7 +19,7 @@ from d2v.blocks import Block, BlockEncoder
 from d2v.config import ModelConfig
 from d2v.masking import MaskInfo
 from d2v.modalities.base import ModalityEncoder, keep_tokens
-from d2v.modalities.decoders import Decoder2d
+from d2v.modalities.decoders import build_decoder
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ class ImageEncoder(ModalityEncoder):
                         cfg.attention_dropout, cfg.activation_dropout, cfg.post_mlp_dropout)
                   for _ in range(cfg.prenet_depth)]
         self.context_encoder = BlockEncoder(prenet, nn.LayerNorm(D, eps=cfg.norm_eps), cfg.prenet_dropout)
-        self.decoder: Decoder2d | None = Decoder2d(cfg.decoder, D, cfg.grid)
+        self.decoder: nn.Module | None = build_decoder(cfg)
         self.num_patches = cfg.grid * cfg.grid
         self.patch_size = cfg.patch_size
 

@@ -25,7 +25,7 @@ from d2v.modalities.base import (
     keep_tokens,
     key_padding_bias,
 )
-from d2v.modalities.decoders import Decoder1d
+from d2v.modalities.decoders import build_decoder
 
 PAD_ID = 1  # fairseq dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3
 
@@ -65,7 +65,7 @@ class TextEncoder(ModalityEncoder):
                   for _ in range(cfg.prenet_depth)]
         # no input LN for text (the embedding LN plays that role); prenet_dropout only with a prenet
         self.context_encoder = BlockEncoder(prenet, None, cfg.prenet_dropout if cfg.prenet_depth else 0.0)
-        self.decoder: Decoder1d | None = Decoder1d(cfg.decoder, D)
+        self.decoder: nn.Module | None = build_decoder(cfg)
 
     def local_features(self, ids_BT: torch.Tensor, padding_mask: torch.Tensor | None = None):
         return self.local_encoder(ids_BT, padding_mask), padding_mask  # (B, T, D), (B, T)
