@@ -10,9 +10,10 @@ Options and key=value overrides may come in any order. Results go to stdout; the
 warnings go to stderr (and, for a run, to <out_dir>/train.log).
 
 Exit codes: 0 done; 2 a usage, config, data or checkpoint error (one line naming what and where);
-3 the loss diverged; 74 the run folder is not writable or the disk is full; 75 stopped by SIGTERM or
-SIGINT after writing a checkpoint (resume with --resume); 130 interrupted at once (a second Ctrl-C, or
-Ctrl-C outside the training loop; the last complete checkpoint is kept).
+3 the loss diverged; 69 another rank died or hung (a collective failed or timed out after
+engine.timeout_minutes; resume with --resume); 74 the run folder is not writable or the disk is full;
+75 stopped by SIGTERM or SIGINT after writing a checkpoint (resume with --resume); 130 interrupted at
+once (a second Ctrl-C, or Ctrl-C outside the training loop; the last complete checkpoint is kept).
 
 On several processes (engine.name=deepspeed, ddp or fsdp2: d2v/backends/; auto = deepspeed):
   deepspeed --num_gpus N --module d2v pretrain --config ...   (add --hostfile FILE for several nodes)
@@ -24,6 +25,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 
 from d2v._optional import MissingDependency
@@ -33,7 +35,10 @@ from d2v.log import get_logger, setup_logging
 from d2v.preempt import EXIT_STOPPED
 
 SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
-EXIT_USAGE, EXIT_DIVERGED, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 74, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_PEER, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 69, 74, 130
+# what gloo, NCCL and the TCP store say when a peer rank is gone or stopped answering
+PEER_FAILURE = re.compile(r"timed out|timeout|connection (reset|closed) by peer|broken pipe|"
+                          r"connection refused", re.IGNORECASE)
 IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 log = get_logger("d2v.cli")
@@ -210,6 +215,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or hung: torch's distributed errors, or a
+    RuntimeError from a collective that timed out or lost its peer, while a process group is up."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(e, dist_error)) or bool(PEER_FAILURE.search(str(e)))
+
+
 def _error(args, e) -> None:
     """One line on stderr: `d2v COMMAND: error: ...` (a multi-line ConfigError lists one key per line)."""
     print(f"d2v {args.command}: error: {e}", file=sys.stderr, flush=True)
@@ -238,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error(args, "interrupted: resume with --resume (the last complete checkpoint is kept)")
         return EXIT_INTERRUPTED
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the traceback is in train.log
+        _error(args, f"another rank died or stopped answering ({first}); its own log says why. Resume "
+                     f"with --resume: the last complete checkpoint is kept (engine.timeout_minutes bounds "
+                     f"the wait)")
+        return EXIT_PEER
 
 
 if __name__ == "__main__":

@@ -313,6 +313,9 @@ class Trainer:
             with StopRequest("the current step") as stop:
                 self._stop = stop
                 return self._loop()
+        except BaseException as e:  # the CLI prints one line; the traceback goes to train.log
+            log.debug(f"training stopped at step {self.step} by {type(e).__name__}", exc_info=True)
+            raise
         finally:
             remove_run_log(run_log)
             self.release()

@@ -153,7 +153,10 @@ def test_hung_rank_ends_the_run_within_the_timeout_then_it_resumes(tmp_path):
         waited = time.time() - t0
     finally:
         _end(procs)
-    assert rc0 != 0, "rank 0 must fail once its peer stops answering"
+    assert rc0 == 69, f"rank 0 must fail once its peer stops answering (rc {rc0})"
+    log0 = _log(out, "rank0.txt")
+    assert "error: another rank died or stopped answering" in log0 and "Traceback" not in log0, log0[-3000:]
+    assert "Traceback" in (out / "train.log").read_text(), "the traceback is kept in train.log"
     assert waited < 6 + 60, f"rank 0 waited {waited:.0f} s for a hung peer (timeout 6 s + start-up slack)"
     done = complete_checkpoints(out / "checkpoints")
     assert done, "a checkpoint was written before the hang"
