@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,47 @@ def test_gpu_nccl_bf16_with_a_skipped_step(tmp_path):
     assert rec == {"backend": "nccl", "device": "cuda", "steps": 4, "skipped": 1}, rec
     rows = read_metrics(tmp_path / "gpu" / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def _full_disk_worker(rank, port, root):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), D2V_CACHE=os.environ["D2V_CACHE"])
+    torch.set_num_threads(1)
+    import errno
+
+    import d2v.backends.ddp as ddp
+    from d2v.checkpoint import CheckpointWriteError
+    from d2v.trainer import Trainer
+
+    write = ddp.write_rank_file
+
+    def full_disk_on_rank1_at_step4(tmp, r, obj):
+        if r == 1 and ".step_00000004" in str(tmp):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(tmp, r, obj)
+
+    ddp.write_rank_file = full_disk_on_rank1_at_step4
+    tr = Trainer(_cfg(Path(root) / "full", **{"train.max_steps": 4, "train.ckpt_every": 2}), progress=False)
+    t0 = time.monotonic()
+    try:
+        tr.train()
+        rec = {"error": None}
+    except CheckpointWriteError as e:
+        rec = {"error": str(e), "s": time.monotonic() - t0}
+    torch.save(rec, Path(root) / f"full{rank}.pt")
+
+
+def test_a_rank_that_cannot_write_its_part_stops_every_rank_at_once(tmp_path):
+    """Rank 1 hits a full disk writing its part of checkpoint 4: both ranks raise CheckpointWriteError
+    right away (no wait for the process-group timeout), the temp folder is gone, `latest` is step 2."""
+    import torch.multiprocessing as mp
+
+    from d2v.checkpoint import resolve_checkpoint
+
+    mp.spawn(_full_disk_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    r0, r1 = (torch.load(tmp_path / f"full{r}.pt") for r in range(WORLD))
+    assert r1["error"] and "disk full" in r1["error"], r1
+    assert r0["error"] and "another rank could not write its part" in r0["error"], r0
+    assert r0["s"] < 60, f"rank 0 waited {r0['s']:.0f} s (the process-group timeout is 10 min)"
+    assert resolve_checkpoint(tmp_path / "full").name == "step_00000002"
+    assert not list((tmp_path / "full" / "checkpoints").glob(".step_*")), "the temp folder is removed"

@@ -107,7 +107,7 @@ class DDPBackend(Backend):
 
         return collective_save(out_dir, step, self.rank, "ddp",
                                lambda tmp: write_rank_file(tmp, self.rank, {"rng": rng_state()}),
-                               main_state, config, keep_last)
+                               main_state, config, keep_last, self.device)
 
     def load(self, state: dict, ck: Path) -> None:
         self.model.load_state_dict(state["model"])

@@ -11,7 +11,13 @@ from typing import Callable
 
 import torch
 
-from d2v.checkpoint import begin_checkpoint, checkpoint_write_guard, commit_checkpoint, write_state
+from d2v.checkpoint import (
+    CheckpointWriteError,
+    begin_checkpoint,
+    checkpoint_write_guard,
+    commit_checkpoint,
+    write_state,
+)
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -126,15 +132,35 @@ def write_rank_file(tmp: Path, rank: int, obj: dict) -> None:
 
 def collective_save(out_dir: Path, step: int, rank: int, suffix: str,
                     write_rank: Callable[[Path], None], main_state: Callable[[], dict], config: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, device: torch.device | None = None) -> Path:
     """Collective checkpoint write: rank 0 makes the temp folder, every rank writes its part into it
     (`write_rank(tmp)`), then, after all finished, rank 0 writes state.pt (`main_state()`, the
     completeness marker) and commits: only then is the folder renamed and `latest` moved. -> the
-    committed folder, on every rank."""
+    committed folder, on every rank.
+
+    A rank that cannot write its part (disk full, read-only: CheckpointWriteError) tells the others in
+    one all-reduce, so every rank raises at once instead of the others waiting at the barrier until the
+    process-group timeout; rank 0 removes the temp folder, `latest` stays on the last complete one.
+    `device`: where the flag travels (NCCL reduces CUDA tensors only)."""
     main = rank == 0
     tmp = broadcast_path(begin_checkpoint(out_dir, step, suffix=suffix) if main else None)
-    with checkpoint_write_guard(out_dir, step, tmp, cleanup=main):
-        write_rank(tmp)
+    error: CheckpointWriteError | None = None
+    try:
+        with checkpoint_write_guard(out_dir, step, tmp, cleanup=False):
+            write_rank(tmp)
+    except CheckpointWriteError as e:
+        error = e
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)  # (1,)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item() > 0:
+        if error is None:
+            error = CheckpointWriteError(
+                f"checkpoint step {step}: another rank could not write its part to {tmp} (its own message "
+                f"says why: disk full or not writable); the last complete checkpoint is kept, --resume "
+                f"from it once that is fixed", None, tmp.parent)
+        torch.distributed.barrier()  # every rank stopped writing: now rank 0 may remove the folder
+        with checkpoint_write_guard(out_dir, step, tmp, cleanup=main):
+            raise error
     torch.distributed.barrier()
     final = tmp
     if main:

@@ -170,7 +170,8 @@ class FSDP2Backend(Backend):
         def main_state() -> dict:
             return {**state, "engine": self.name, "world_size": self.world_size}
 
-        return collective_save(out_dir, step, self.rank, "fsdp2", write_rank, main_state, config, keep_last)
+        return collective_save(out_dir, step, self.rank, "fsdp2", write_rank, main_state, config, keep_last,
+                               self.device)
 
     def load(self, state: dict, ck: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -209,7 +209,8 @@ class DeepSpeedBackend(Backend):
                 st["teacher"] = self.teacher.state_dict()
             return st
 
-        return collective_save(out_dir, step, self.rank, "ds", write_rank, main_state, config, keep_last)
+        return collective_save(out_dir, step, self.rank, "ds", write_rank, main_state, config, keep_last,
+                               self.device)
 
     def check_checkpoint(self, state: dict, ck: Path) -> None:
         super().check_checkpoint(state, ck)
