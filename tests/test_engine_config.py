@@ -80,7 +80,7 @@ def test_engine_validation():
                                       "engine.activation_checkpointing=true",
                                       "engine.optimizer=deepspeed_adam", "engine.max_nonfinite_steps=3"])
 def test_single_trainer_refuses_deepspeed_only_keys(tmp_path, override):
-    """The single-process trainer would ignore these keys: it names them and builds nothing."""
+    """The single backend would ignore these keys: it names them and builds nothing."""
     from d2v.trainer import Trainer
 
     c = cfg(override, "engine.name=single", f"train.out_dir={tmp_path / 'run'}")

@@ -1,5 +1,5 @@
 """No host read of a device value in the training loop outside log steps (a design rule: `.item()` only on
-log steps), in the single-process trainer and in the DeepSpeed engine (there: one per optimizer step, the
+log steps), in the single backend and in the DeepSpeed engine (there: one per optimizer step, the
 finiteness flag that decides whether the update is applied, never one per micro-batch); the mask
 indices arrive with the batch from the loader (built in its workers), and the loader pins memory only
 for CUDA training.

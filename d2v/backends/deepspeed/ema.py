@@ -44,7 +44,7 @@ def register_method_params(model: torch.nn.Module) -> None:
 class MasterEMATeacher(EMATeacher):
     """ZeRO 0-2 with bf16/fp16: the full fp32 teacher on every rank follows the fp32 master weights,
     not the module's low-precision copies of them (which would round the student to bf16/fp16 before
-    averaging, unlike ZeRO-3 and the single-process trainer). `bind(optimizer)` after
+    averaging, unlike ZeRO-3 and the single backend). `bind(optimizer)` after
     deepspeed.initialize finds the masters:
 
     - ZeRO-0 (FP16_UnfusedOptimizer / FP16_Optimizer): every master is whole on every rank
