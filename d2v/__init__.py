@@ -4,11 +4,21 @@ Public API: `d2v.ops` (fused ops), `d2v.masking` (mask generators), `Config`/`lo
 `build_model`, `d2v.trainer.Trainer` / `make_trainer` (the loop; the backend engine.name selects runs
 the step: d2v.backends), `d2v.weights.load_weights`. CLI: `d2v pretrain | probe | export | config`
 (also `python -m d2v`).
+
+`import d2v` stays light (no model, ops or kernels): `build_model` is imported on first use.
 """
 __version__ = "0.1.0"
 
 from d2v.config import Config, ConfigError, load_config  # noqa: E402
-from d2v.model import build_model  # noqa: E402
 from d2v.registry import list_flavors  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name == "build_model":  # d2v.model imports torch, the ops and the kernels: only when asked for
+        from d2v.model import build_model
+
+        return build_model
+    raise AttributeError(f"module 'd2v' has no attribute {name!r}")
+
 
 __all__ = ["Config", "ConfigError", "load_config", "build_model", "list_flavors", "__version__"]

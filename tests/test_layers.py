@@ -153,3 +153,17 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     modules = _modules()
     got = _imports("d2v.data.x", f, modules)
     assert ("d2v.model", "build_model", 2) in got and ("d2v.data.files", "DataDecodeError", 3) in got
+
+
+def test_import_d2v_is_light():
+    """`import d2v` (the CLI's first import, and tools/aot_check.py's way into a source tree whose kernels
+    are not installed yet) loads no model, ops or kernels; `d2v.build_model` still works, on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, d2v\n"
+            "heavy = [m for m in ('d2v.model', 'd2v.ops', 'd2v.kernels', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert d2v.build_model.__module__ == 'd2v.model'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
