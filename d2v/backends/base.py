@@ -11,6 +11,7 @@ Legend: B samples per micro-batch on this rank, R = B*M mask rows.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -46,8 +47,9 @@ class StepOutput:
     ema_decay: float | None = None
 
 
-class Backend:
-    """Base class: one process, rank 0 of 1. Subclasses override what they change."""
+class Backend(ABC):
+    """Base class: one process, rank 0 of 1. Subclasses implement setup/step/save/load and override what
+    else they change."""
 
     name: ClassVar[str] = "single"
     engine_keys: ClassVar[tuple[str, ...]] = ()  # the BACKEND_KEYS this backend implements
@@ -74,29 +76,29 @@ class Backend:
     def barrier(self) -> None:
         """All ranks wait here (one process: nothing to wait for)."""
 
+    @abstractmethod
     def setup(self, model: torch.nn.Module) -> None:
         """Place `model` (the student, built on the CPU from the run's seed), build the teacher and the
         optimizer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, batches: list[tuple[torch.Tensor, object]], lr: float,
              requests: tuple[bool, bool]) -> StepOutput:
         """One optimizer step over `batches` (micro_steps (source (B, ...), MaskInfo over R rows) pairs on
         self.device) at learning rate `lr`; `requests` = this rank's (stop, checkpoint due) flags. The EMA
         update is not part of it (the trainer calls teacher.update after an applied step)."""
-        raise NotImplementedError
 
     def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Logged metrics: this rank's values (distributed backends: the mean over ranks)."""
         return stats
 
+    @abstractmethod
     def save(self, out_dir: Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
         """Write checkpoint `step` (the trainer's `state`: step, skipped_steps; plus this backend's)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, state: dict, ck: Path) -> None:
         """Restore this backend's part of checkpoint `ck` (state.pt already read into `state`)."""
-        raise NotImplementedError
 
     def check_checkpoint(self, state: dict, ck: Path) -> None:
         """Refuse a checkpoint another backend wrote and this one cannot resume, saying what can."""

@@ -19,34 +19,20 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from d2v.backends.base import Backend, StepOutput
 from d2v.backends.dist import (
-    FlagAgreement,
     collective_save,
-    init_process_group,
     load_rank_file,
-    pick_device,
-    reduce_mean,
     write_rank_file,
 )
+from d2v.backends.torch_dp import TorchDataParallel
 from d2v.ema import EMATeacher
-from d2v.optim import build_optimizer, param_groups, set_lr
+from d2v.optim import build_optimizer, param_groups
 from d2v.rng import rng_state, set_rng_state
 
 
-class DDPBackend(Backend):
+class DDPBackend(TorchDataParallel):
     name = "ddp"
-    engine_keys = ("grad_accum_steps", "max_nonfinite_steps", "optimizer")
     checkpoint_kinds = ("single", "ddp")
-
-    def __init__(self, cfg, device: str | None = None):
-        super().__init__(cfg, device)
-        self.rank, self.world_size = init_process_group(cfg.engine.timeout_minutes)
-        self.device = torch.device(device) if device else pick_device()
-        self.micro_steps = cfg.engine.grad_accum_steps
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
 
     def setup(self, model: torch.nn.Module) -> None:
         cfg, o = self.cfg, self.cfg.optim
@@ -66,38 +52,12 @@ class DDPBackend(Backend):
             find_unused_parameters=cfg.model.layerdrop > 0, **no_sync)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
-        self._agreement = FlagAgreement(self.device)
 
-    def step(self, batches, lr, requests) -> StepOutput:
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        n, out = 0, None
-        ok = shown = None  # () on the device: every loss so far finite here; the loss a skip reports
-        last = len(batches) - 1
-        for i, (source, mask) in enumerate(batches):
-            sync = contextlib.nullcontext() if i == last else self.ddp.no_sync()
-            with sync:
-                with self.autocast:
-                    out = self.ddp(source, mask)
-                loss = out["loss"]
-                finite = torch.isfinite(loss.detach())
-                shown = loss.detach() if shown is None else torch.where(ok, loss.detach(), shown)
-                ok = finite if ok is None else ok & finite
-                # identical to `loss` while ok; a zero loss from the first non-finite one on
-                used = torch.where(ok, loss, torch.zeros_like(loss))
-                (used / len(batches) if len(batches) > 1 else used).backward()
-            n += source.shape[0]
-        finite, stop, due = self._agreement.agree(ok, requests)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(None, None, lr, n, skipped="nonfinite", shown=shown, stop=stop, ckpt_due=due)
-        clip = self.cfg.optim.clip_norm
-        gnorm = torch.nn.utils.clip_grad_norm_(self._params, clip) if clip > 0 else None
-        self.optimizer.step()
-        return StepOutput(out, gnorm, lr, n, stop=stop, ckpt_due=due)
+    def _forward(self, source, mask) -> dict:
+        return self.ddp(source, mask)
 
-    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        return reduce_mean(stats, self.device)
+    def _sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
 
     def save(self, out_dir: Path, step: int, state: dict, config: dict, keep_last: int) -> Path:
         def main_state() -> dict:

@@ -19,24 +19,21 @@ model.layerdrop must be 0: ranks skipping different blocks would enter different
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from d2v import ops
-from d2v.backends.base import Backend, StepOutput
 from d2v.backends.dist import (
-    FlagAgreement,
     collective_save,
-    init_process_group,
     load_rank_file,
-    pick_device,
-    reduce_mean,
     write_rank_file,
 )
+from d2v.backends.torch_dp import TorchDataParallel
 from d2v.config import ConfigError
 from d2v.ema import EMATeacher
-from d2v.optim import build_optimizer, param_groups, set_lr
+from d2v.optim import build_optimizer, param_groups
 from d2v.rng import rng_state, set_rng_state
 
 DCP_DIR = "dcp"  # the distributed checkpoint inside each d2v checkpoint folder: <step>/dcp/
@@ -83,23 +80,16 @@ class ShardedEMA(EMATeacher):
         return d
 
 
-class FSDP2Backend(Backend):
+class FSDP2Backend(TorchDataParallel):
     name = "fsdp2"
-    engine_keys = ("grad_accum_steps", "max_nonfinite_steps", "optimizer")
     checkpoint_kinds = ("fsdp2",)
 
     def __init__(self, cfg, device: str | None = None):
-        super().__init__(cfg, device)
-        if cfg.model.layerdrop > 0:
+        if cfg.model.layerdrop > 0:  # refused before any process group is joined
             raise ConfigError(f"model.layerdrop={cfg.model.layerdrop}: the fsdp2 backend needs every rank to "
                               f"run every block (a skipped block would skip its collectives on that rank "
                               f"only); set model.layerdrop=0 or use engine.name=ddp or deepspeed")
-        self.rank, self.world_size = init_process_group(cfg.engine.timeout_minutes)
-        self.device = torch.device(device) if device else pick_device()
-        self.micro_steps = cfg.engine.grad_accum_steps
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
+        super().__init__(cfg, device)
 
     def setup(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -119,38 +109,14 @@ class FSDP2Backend(Backend):
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.precision == "bf16")
-        self._agreement = FlagAgreement(self.device)
 
-    def step(self, batches, lr, requests) -> StepOutput:
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        n, out = 0, None
-        ok = shown = None  # () on the device: every loss so far finite here; the loss a skip reports
-        last = len(batches) - 1
-        for i, (source, mask) in enumerate(batches):
-            self.model.set_requires_gradient_sync(i == last)  # reduce-scatter after the last micro-batch only
-            with self.autocast:
-                out = self.model(source, mask)
-            loss = out["loss"]
-            finite = torch.isfinite(loss.detach())
-            shown = loss.detach() if shown is None else torch.where(ok, loss.detach(), shown)
-            ok = finite if ok is None else ok & finite
-            used = torch.where(ok, loss, torch.zeros_like(loss))  # `loss` while ok, else zero
-            (used / len(batches) if len(batches) > 1 else used).backward()
-            n += source.shape[0]
-        finite, stop, due = self._agreement.agree(ok, requests)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(None, None, lr, n, skipped="nonfinite", shown=shown, stop=stop, ckpt_due=due)
-        clip = self.cfg.optim.clip_norm
-        gnorm = torch.nn.utils.clip_grad_norm_(self._params, clip) if clip > 0 else None
-        if gnorm is not None and hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()  # the norm over all shards (a collective)
-        self.optimizer.step()
-        return StepOutput(out, gnorm, lr, n, stop=stop, ckpt_due=due)
+    def _forward(self, source, mask) -> dict:
+        return self.model(source, mask)
 
-    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        return reduce_mean(stats, self.device)
+    @contextlib.contextmanager
+    def _sync(self, last: bool):
+        self.model.set_requires_gradient_sync(last)  # reduce-scatter after the last micro-batch only
+        yield
 
     # --------------------------------------------------------------------------------- checkpoints
     def _dcp_state(self) -> dict:
