@@ -76,18 +76,8 @@ class Data2Vec2(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.impl = cfg.attention
-        self._teacher: list[nn.Module] = []  # held outside the module tree: not trained, not in state_dict
 
     # ----------------------------------------------------------------------------------- teacher
-    def attach_teacher(self, teacher: nn.Module) -> None:
-        self._teacher[:] = [teacher]
-
-    @property
-    def teacher(self) -> nn.Module:
-        if not self._teacher:
-            raise RuntimeError("no teacher attached: build one with d2v.ema.EMATeacher(student)")
-        return self._teacher[0]
-
     def strip_to_teacher(self) -> "Data2Vec2":
         """Turn this (deep-copied) model into the EMA teacher's module, keeping only the parts the
         teacher averages (spec §5): never the decoder; with `ema_encoder_only` (text) only the main
@@ -149,33 +139,12 @@ class Data2Vec2(nn.Module):
     def num_extra_tokens(self) -> int:
         return self.modality_encoder.num_extra_tokens
 
-    # ----------------------------------------------------------------------------------- targets
-    @torch.no_grad()
-    def make_targets(self, source: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher pass on the unmasked samples -> float32 targets (B, T, D).
-
-        Image: the teacher's own EMA feature extractor on `source`. Audio: the student's features
-        `local` through the teacher's positional encoder, ALiBi scale, input LN and blocks. Text: the
-        student's features through the student's context encoder, then the teacher's blocks."""
-        teacher, cfg = self.teacher, self.cfg
-        teacher.eval()
-        if cfg.ema_encoder_only:
-            _, ffn, _ = teacher.encode(local=local, context=self.modality_encoder, collect_ffn=True)
-        elif not cfg.ema_local_encoder:
-            _, ffn, _ = teacher.encode(local=local, collect_ffn=True)
-        else:
-            _, ffn, _ = teacher.encode(source, collect_ffn=True)
-        E = self.num_extra_tokens
-        k = self.objective.average_top_k_layers or len(ffn)
-        layers = [t[:, E:] for t in ffn[-k:]]  # K x (B, T, D), extra tokens stripped
-        return ops.build_targets(layers, instance_norm=self.objective.instance_norm_target_layer,
-                                 final_norm=self.objective.final_norm)
-
     # ----------------------------------------------------------------------------------- objective
-    def forward(self, source: torch.Tensor, mask: MaskInfo) -> dict[str, torch.Tensor]:
-        """source (B, ...), mask over R = B*M rows -> the STAT_KEYS as scalar tensors (no host sync):
-        the student's predictions and the teacher's targets at the masked positions, scored by
-        d2v.objective.data2vec_loss."""
+    def forward(self, source: torch.Tensor, mask: MaskInfo, teacher) -> dict[str, torch.Tensor]:
+        """source (B, ...), mask over R = B*M rows, the EMA teacher (d2v.ema.EMATeacher) -> the
+        STAT_KEYS as scalar tensors (no host sync): the student's predictions and the teacher's targets
+        (`teacher.targets`, from the student's features for audio/text) at the masked positions,
+        scored by d2v.objective.data2vec_loss."""
         B, R = source.shape[0], mask.ids_keep.shape[0]
         if R % B:
             raise ValueError(f"mask has {R} rows, not a multiple of the batch size {B}")
@@ -196,7 +165,7 @@ class Data2Vec2(nn.Module):
             pred = me.decoder(dec_in)  # (R, T, D)
             p_m = ops.masked_gather(pred, ids_masked).float()  # (R, N, D)
 
-        y = self.make_targets(source, local.detach())  # (B, T, D) fp32
+        y = teacher.targets(source, local.detach(), self)  # (B, T, D) fp32
         y_m = ops.masked_targets(y, ids_masked, M)  # (R, N, D), per-clone index into the shared targets
         return data2vec_loss(p_m, y_m, y, x[:, 0] if E > 0 else None, M, obj)
 

@@ -61,7 +61,7 @@ def test_flavors_registered():
 def test_every_flavor_forward_backward(modality, flavor):
     cfg, m, t = make(modality, flavor, small=flavor != "tiny")
     src, mask = batch(cfg)
-    out = m(src, mask)
+    out = m(src, mask, t)
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None]
@@ -111,21 +111,21 @@ def make_image():
 def test_teacher_uses_the_students_features(modality):
     """Audio/text targets change when the student's feature extractor changes (it is shared); image
     targets do not (the teacher has its own EMA patch embedding)."""
-    cfg, m, _ = make(modality)
+    cfg, m, t = make(modality)
     m.eval()
     src, _ = batch(cfg)
-    y0 = m.make_targets(src, m.modality_encoder.local_features(src)[0])
+    y0 = t.targets(src, m.modality_encoder.local_features(src)[0], m)
     with torch.no_grad():
         for p in m.modality_encoder.local_encoder.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    y1 = m.make_targets(src, m.modality_encoder.local_features(src)[0])
+    y1 = t.targets(src, m.modality_encoder.local_features(src)[0], m)
     assert not torch.allclose(y0, y1)
-    cfg, im, _ = make_image()
+    cfg, im, it = make_image()
     img = torch.randn(2, 3, 32, 32)
-    y0 = im.make_targets(img)
+    y0 = it.targets(img, None, im)
     with torch.no_grad():
         im.modality_encoder.local_encoder.proj.weight.add_(1.0)
-    assert torch.equal(y0, im.make_targets(img))
+    assert torch.equal(y0, it.targets(img, None, im))
 
 
 def test_text_teacher_sees_the_students_dropout_features():
@@ -137,8 +137,8 @@ def test_text_teacher_sees_the_students_dropout_features():
     local1 = m.modality_encoder.local_features(src)[0]
     local2 = m.modality_encoder.local_features(src)[0]
     assert not torch.equal(local1, local2)  # dropout is active
-    y1, y2 = m.make_targets(src, local1), m.make_targets(src, local2)
-    assert not torch.equal(y1, y2) and torch.equal(y1, m.make_targets(src, local1.clone()))
+    y1, y2 = t.targets(src, local1, m), t.targets(src, local2, m)
+    assert not torch.equal(y1, y2) and torch.equal(y1, t.targets(src, local1.clone(), m))
 
 
 def test_alibi_slopes_match_reference():
@@ -168,7 +168,7 @@ def test_alibi_for_kept_positions_equals_gathered_full_bias():
 def test_student_never_sees_masked_tokens(modality):
     """Changing the features of masked tokens leaves the student's encoder output unchanged
     (audio: the positional conv runs with masked frames zeroed)."""
-    cfg, m, _ = make(modality)
+    cfg, m, t = make(modality)
     m.eval()
     src, mask = batch(cfg, B=1, M=2)
     local = m.modality_encoder.local_features(src)[0]
@@ -177,8 +177,8 @@ def test_student_never_sees_masked_tokens(modality):
     x1 = m.encode(local=local, mask=mask, clones=2)[0]
     x2 = m.encode(local=local2, mask=mask, clones=2)[0]
     assert torch.equal(x1[0], x2[0])
-    t1 = m.make_targets(src, local)
-    assert not torch.equal(t1, m.make_targets(src, local2))  # the teacher does see them
+    y1 = t.targets(src, local, m)
+    assert not torch.equal(y1, t.targets(src, local2, m))  # the teacher does see them
 
 
 @pytest.mark.parametrize("modality", ["audio", "text"])
@@ -202,11 +202,11 @@ def test_padding_does_not_change_features(modality):
 
 @pytest.mark.parametrize("modality", ["audio", "text"])
 def test_loss_matches_naive_reference(modality):
-    cfg, m, _ = make(modality)
+    cfg, m, t = make(modality)
     m.eval()
     src, mask = batch(cfg, B=3, M=2)
     torch.manual_seed(123)
-    out = m(src, mask)
+    out = m(src, mask, t)
     torch.manual_seed(123)
     local = m.modality_encoder.local_features(src)[0]
     x = m.encode(local=local, mask=mask, clones=2)[0]
@@ -215,7 +215,7 @@ def test_loss_matches_naive_reference(modality):
     x_ = torch.cat([x, noise[mask.mask].view(R, -1, D)], 1)
     full = torch.gather(x_, 1, mask.ids_restore[..., None].expand(-1, -1, D))
     pred = m.modality_encoder.decoder(full)
-    y = m.make_targets(src, local).repeat_interleave(2, 0)
+    y = t.targets(src, local, m).repeat_interleave(2, 0)
     s = cfg.objective.loss_scale or 1 / math.sqrt(D)
     reg = ((pred[mask.mask] - y[mask.mask]) ** 2).sum() * s / mask.mask.sum()
     assert cfg.objective.cls_loss == 0 and float(out["loss_cls"]) == 0.0

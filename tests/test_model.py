@@ -43,7 +43,7 @@ def test_every_flavor_forward_backward(flavor):
     over = {} if flavor == "tiny" else {"image_size": 64}  # 4x4 patch grid keeps it fast on CPU
     cfg, m, t = make(flavor, **over)
     img, mask = batch(cfg, B=1)
-    out = m(img, mask)
+    out = m(img, mask, t)
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
     no_grad = [n for n, p in m.named_parameters() if p.grad is None]
@@ -75,7 +75,7 @@ def test_targets_are_teacher_ffn_outputs():
     img, _ = batch(cfg)
     captured = []
     hooks = [b.mlp.register_forward_hook(lambda mod, i, o: captured.append(o)) for b in t.module.blocks]
-    y = m.make_targets(img)
+    y = t.targets(img, None, m)
     for h in hooks:
         h.remove()
     k = cfg.objective.average_top_k_layers
@@ -84,7 +84,7 @@ def test_targets_are_teacher_ffn_outputs():
     assert y.shape == (2, cfg.model.grid ** 2, cfg.model.embed_dim)
 
 
-def naive_loss(m, img, mask, M):
+def naive_loss(m, t, img, mask, M):
     """The reference's way: repeat_interleave targets M times, index both with the boolean mask."""
     torch.manual_seed(123)
     x, _, _ = m.encode(img, mask=mask, clones=M)
@@ -94,7 +94,7 @@ def naive_loss(m, img, mask, M):
     x_ = torch.cat([kept, noise[mask.mask].view(R, -1, D)], 1)
     full = torch.gather(x_, 1, mask.ids_restore[..., None].expand(-1, -1, D))
     pred = m.modality_encoder.decoder(full)
-    y = m.make_targets(img)
+    y = t.targets(img, None, m)
     y_rep = y.repeat_interleave(M, 0)
     p, t = pred[mask.mask], y_rep[mask.mask]
     s = 1 / math.sqrt(D)
@@ -109,8 +109,8 @@ def test_loss_matches_naive_reference():
     img, mask = batch(cfg, B=3, M=2)
     # the model draws noise for every slot; the naive path places the same draws at masked slots
     torch.manual_seed(123)
-    out = m(img, mask)
-    reg, cls = naive_loss(m, img, mask, M=2)
+    out = m(img, mask, t)
+    reg, cls = naive_loss(m, t, img, mask, M=2)
     assert torch.allclose(out["loss_reg"], reg, rtol=1e-5)
     assert torch.allclose(out["loss_cls"], cls, rtol=1e-5)
     assert torch.allclose(out["loss"], reg + cls, rtol=1e-5)
@@ -129,7 +129,7 @@ def test_student_only_sees_kept_tokens():
     x1, _, _ = m.encode(img, mask=mask)
     x2, _, _ = m.encode(img2, mask=mask)
     assert torch.equal(x1, x2)
-    assert not torch.equal(m.make_targets(img), m.make_targets(img2))
+    assert not torch.equal(t.targets(img, None, m), t.targets(img2, None, m))
 
 
 def test_sincos_positions_layout():

@@ -33,8 +33,7 @@ def _model(modality, *extra):
     cfg = load_config(CONFIGS[modality], SMALL + (["model.conv_dim=32", "model.conv_pos_groups=4"]
                                                   if modality == "audio" else []) + list(extra))
     m = build_model(cfg)
-    EMATeacher(m, 0.99, 0.999, 10)
-    return cfg, m
+    return cfg, m, EMATeacher(m, 0.99, 0.999, 10)
 
 
 def _source(modality, cfg, B):
@@ -76,27 +75,27 @@ def test_eager_attention_matches_sdpa(with_bias, N):
 
 @pytest.mark.parametrize("modality", list(CONFIGS))
 def test_model_attention_setting_reaches_every_block_and_keeps_the_loss(modality):
-    cfg, m_sdpa = _model(modality)
-    _, m_eager = _model(modality, "model.attention=eager")
+    cfg, m_sdpa, t_sdpa = _model(modality)
+    _, m_eager, t_eager = _model(modality, "model.attention=eager")
     impls = {a.impl for a in m_eager.modules() if isinstance(a, Attention)}
     assert impls == {"eager"}
     m_eager.load_state_dict(m_sdpa.state_dict())
-    m_eager.teacher.load_state_dict(m_sdpa.teacher.state_dict())
+    t_eager.load_state_dict(t_sdpa.state_dict())
     src = _source(modality, cfg, 2)
     T = _tokens(modality, m_sdpa, src)
     mask = _mask(4, T, T // 2)
     torch.manual_seed(3)
-    a = m_sdpa(src, mask)["loss"]
+    a = m_sdpa(src, mask, t_sdpa)["loss"]
     torch.manual_seed(3)
-    b = m_eager(src, mask)["loss"]
+    b = m_eager(src, mask, t_eager)["loss"]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("modality", list(CONFIGS))
 def test_full_length_student_with_nothing_masked_equals_the_skipping_student(modality):
     """With a mask that hides nothing, both input paths encode the same tokens the same way."""
-    cfg, skip = _model(modality)
-    _, full = _model(modality, "model.skip_masked=false")
+    cfg, skip, _ = _model(modality)
+    _, full, _ = _model(modality, "model.skip_masked=false")
     missing, unexpected = full.load_state_dict(skip.state_dict(), strict=False)
     assert missing == ["mask_emb"] and unexpected == []
     skip.eval(), full.eval()  # no dropout draws
@@ -111,7 +110,7 @@ def test_full_length_student_with_nothing_masked_equals_the_skipping_student(mod
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_full_length_student_never_sees_masked_content(modality):
     """Changing the input under masked tokens changes the targets but not the student's outputs."""
-    cfg, m = _model(modality, "model.skip_masked=false", "model.head=linear")
+    cfg, m, teacher = _model(modality, "model.skip_masked=false", "model.head=linear")
     m.eval()
     src = _source(modality, cfg, 1)
     T = _tokens(modality, m, src)
@@ -129,32 +128,32 @@ def test_full_length_student_never_sees_masked_content(modality):
         return m.encode(local=m.modality_encoder.masked_input(local, mask, 1, m.mask_emb))[0]
 
     torch.testing.assert_close(student(changed), student(src), atol=0, rtol=0)
-    assert not torch.equal(m.make_targets(changed, None if modality == "image" else
-                                          m.modality_encoder.local_features(changed)[0]),
-                           m.make_targets(src, None if modality == "image" else
-                                          m.modality_encoder.local_features(src)[0]))
+    def targets(s):
+        return teacher.targets(s, None if modality == "image" else m.modality_encoder.local_features(s)[0], m)
+
+    assert not torch.equal(targets(changed), targets(src))
 
 
 @pytest.mark.parametrize("modality", list(CONFIGS))
 def test_data2vec1_head_trains_mask_embedding_and_projection_only_in_the_student(modality):
-    cfg, m = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
+    cfg, m, t = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
     assert m.modality_encoder.decoder is None and m.final_proj is not None
     src = _source(modality, cfg, 2)
     T = _tokens(modality, m, src)
-    out = m(src, _mask(2, T, T // 2))
+    out = m(src, _mask(2, T, T // 2), t)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert m.mask_emb.grad is not None and m.mask_emb.grad.abs().sum() > 0
     assert m.final_proj.weight.grad.abs().sum() > 0
-    names = [n for n, _ in m.teacher.named_parameters()]
+    names = [n for n, _ in t.module.named_parameters()]
     assert not any(n.startswith(("mask_emb", "final_proj")) or ".decoder." in n for n in names)
 
 
 @pytest.mark.parametrize("modality", ["image", "audio", "text"])
 def test_every_mode_starts_from_the_same_encoder_for_the_same_seed(modality):
     """Time-to-quality compares the modes from one init: the 1.0-mode parameters are drawn last."""
-    _, m2 = _model(modality)
-    _, m1 = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
+    _, m2, _ = _model(modality)
+    _, m1, _ = _model(modality, "model.skip_masked=false", "model.head=linear", "objective.cls_loss=0")
     s1 = m1.state_dict()
     shared = [k for k in m2.state_dict()
               if ".decoder." not in k and not k.startswith("modality_encoder.decoder")]

@@ -56,7 +56,7 @@ def cross_loss(run: Path, batches: int = 8, seed: int = 0) -> dict:
             torch.manual_seed(seed)  # the same decoder noise for every pair
             loss = frac = 0.0
             for b in data:
-                out = model(b[key], b["maskinfo"])
+                out = model(b[key], b["maskinfo"], teacher)
                 loss += float(out["loss_reg"])
                 # what predicting the targets' mean scores: scale x D x (their std over masked tokens)^2
                 frac += float(out["loss_reg"]) / (scale * d * float(out["target_var"]) ** 2)

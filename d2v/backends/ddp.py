@@ -54,7 +54,7 @@ class DDPBackend(TorchDataParallel):
                                        enabled=cfg.train.precision == "bf16")
 
     def _forward(self, source, mask) -> dict:
-        return self.ddp(source, mask)
+        return self.ddp(source, mask, self.teacher)
 
     def _sync(self, last: bool):
         return contextlib.nullcontext() if last else self.ddp.no_sync()

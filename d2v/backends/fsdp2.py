@@ -111,7 +111,7 @@ class FSDP2Backend(TorchDataParallel):
                                        enabled=cfg.train.precision == "bf16")
 
     def _forward(self, source, mask) -> dict:
-        return self.model(source, mask)
+        return self.model(source, mask, self.teacher)
 
     @contextlib.contextmanager
     def _sync(self, last: bool):

@@ -56,7 +56,7 @@ class SingleBackend(Backend):
     def step(self, batches, lr, requests) -> StepOutput:
         (source, mask), = batches
         with self.autocast:
-            out = self.forward(source, mask)
+            out = self.forward(source, mask, self.teacher)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         clip = self.cfg.optim.clip_norm

@@ -29,7 +29,7 @@ class TorchDataParallel(Backend):
 
     @abstractmethod
     def _forward(self, source: torch.Tensor, mask) -> dict:
-        """The wrapped model's call: the STAT_KEYS as scalar tensors."""
+        """The wrapped model's call with the teacher: the STAT_KEYS as scalar tensors."""
 
     @abstractmethod
     def _sync(self, last: bool):

@@ -32,7 +32,7 @@ def _train_losses(device, steps=3):
         grid = cfg.model.grid
         mask = make_maskinfo(inverse_block_mask(4, grid, grid, mask_prob=0.8, mask_length=3, adjust=0.07,
                                                 generator=g)).to(device)
-        out = m(img, mask)
+        out = m(img, mask, teacher)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

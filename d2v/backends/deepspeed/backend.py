@@ -132,8 +132,8 @@ class DeepSpeedBackend(Backend):
         ok = shown = None  # () on the device: all losses so far finite on this rank; the loss a skip reports
         last = len(batches) - 1
         for i, (source, mask) in enumerate(batches):
-            with self.autocast, self._teacher_params():
-                out = self.engine(source, mask)
+            with self.autocast:
+                out = self.engine(source, mask, self.teacher)
             loss = out["loss"]
             finite = torch.isfinite(loss.detach())
             # reported if the step is dropped: this rank's first non-finite loss, else its last one
@@ -172,11 +172,6 @@ class DeepSpeedBackend(Backend):
         finally:
             for o in opts:
                 del o.step
-
-    def _teacher_params(self):
-        if isinstance(self.teacher, ShardedEMATeacher):
-            return self.teacher.forward_gathering()
-        return contextlib.nullcontext()
 
     def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         return reduce_mean(stats, self.device)

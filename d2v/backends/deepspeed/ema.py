@@ -207,6 +207,12 @@ class ShardedEMATeacher(EMATeacher):
             b.copy_(s)
         return d
 
+    def targets(self, source, local, student):
+        """The targets with the teacher's partitioned parameters gathered module by module
+        (forward_gathering)."""
+        with self.forward_gathering():
+            return super().targets(source, local, student)
+
     def gathered(self):
         """Context: the full teacher parameters, read-only (released on exit)."""
         import deepspeed
@@ -215,7 +221,7 @@ class ShardedEMATeacher(EMATeacher):
 
     @contextlib.contextmanager
     def forward_gathering(self):
-        """Context for the student's forward: each teacher module's own parameters are gathered just
+        """Context for the teacher's pass: each teacher module's own parameters are gathered just
         before its forward and released after it (peak: one block of the teacher), those used by
         methods rather than a forward (the CLS tokens) for the whole context."""
         import deepspeed
