@@ -75,6 +75,7 @@ from benchmarks.common import (  # noqa: E402
     stamp,
     within_noise,
 )
+from d2v.registry import get_modality, modality_names  # noqa: E402
 
 FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "modality", "flavor", "config",
           "variant", "precision", "ops", "attention", "skip_masked", "head", "batch", "clones", "views",
@@ -83,7 +84,6 @@ FIELDS = ["date", "git_sha", "device", "threads", "torch", "triton", "python", "
           "peak_kind", "d2v_speedup", "set", "note"]
 VARIANTS = ["d2v", "no_fused_ops", "no_mask_skip", "no_multi_mask", "no_sdpa", "no_bf16", "ref_eager_2.0",
             "d2v1", "compile"]
-UNITS = {"image": "images/s", "audio": "audio_s/s", "text": "tokens/s"}
 NUMERIC = ["params_m", "ms_median", "ms_p20", "ms_p80", "views_per_s", "samples_per_s", "unit_per_s",
            "gflop_per_step", "mfu", "peak_mib", "d2v_speedup"]  # NaN in the row of a failed variant
 # dense peak FLOP/s (bf16 tensor core, TF32 tensor core, fp32 without tensor cores) by device-name pattern,
@@ -136,32 +136,6 @@ VARIANT_KEYS = sorted({k for n in VARIANTS for k in variant_spec(n, 1, 1, cuda=T
 
 
 # ------------------------------------------------------------------------------------------- worker
-def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
-    """One batch of the recipe's shapes -> (batch dict, tokens per view, unit amount per sample)."""
-    from d2v.masking import inverse_block_mask, random_mask, span_mask
-
-    g = torch.Generator().manual_seed(seed)
-    B, M, mk, m = cfg.train.batch_size, cfg.masking.clone_batch, cfg.masking, cfg.model
-    if m.modality == "image":
-        src = torch.randn(B, m.in_chans, m.image_size, m.image_size, generator=g)
-        mask = inverse_block_mask(B * M, m.grid, m.grid, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
-                                  adjust=mk.mask_prob_adjust, generator=g)
-        return {"x": src, "mask": mask}, m.grid * m.grid, 1.0
-    if m.modality == "audio":
-        from d2v.audio_frames import conv_output_length
-
-        L = cfg.data.max_sample_size
-        T = conv_output_length(L)
-        src = torch.randn(B, L, generator=g)
-        mask = span_mask(B * M, T, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
-                         adjust=mk.mask_prob_adjust, generator=g)
-        return {"x": src, "mask": mask}, T, L / cfg.data.sample_rate
-    T = cfg.data.tokens_per_sample
-    src = torch.randint(4, m.vocab_size, (B, T), generator=g)
-    src[:, 0] = 0  # <s>
-    return {"x": src, "mask": random_mask(B * M, T, mask_prob=mk.mask_prob, generator=g)}, T, float(T)
-
-
 def _peak_flops(device: str, precision: str, tf32: str) -> float | None:
     """Dense peak FLOP/s for the row, or None (unknown GPU, NVL board, fp32 with mixed TF32 settings)."""
     for pattern, peaks in PEAK_FLOPS:
@@ -217,6 +191,7 @@ def run_worker(spec: dict) -> dict:
     """Build the trainer for one variant and time its step (runs in a fresh process)."""
     from d2v import ops
     from d2v.config import load_config
+    from d2v.data.build import synthetic_batch
     from d2v.masking import make_maskinfo
     from d2v.trainer import Trainer, step_mode
 
@@ -406,8 +381,7 @@ def _user_overrides(items: list[str]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modalities", nargs="+", default=["image", "audio", "text"],
-                    choices=["image", "audio", "text"])
+    ap.add_argument("--modalities", nargs="+", default=list(modality_names()), choices=modality_names())
     ap.add_argument("--flavors", nargs="+", default=["tiny"], help="recipes configs/<flavor>_<modality>.yaml")
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
                     help="rows to run (default: all; on CPU all but compile, a minutes-long build)")
@@ -474,12 +448,12 @@ def main(argv=None) -> int:
                     errors[name] = _error_line(e)
                     print(f"{modality}/{flavor} {name}: FAILED in round {rnd + 1}: {e}",
                           file=sys.stderr, flush=True)
-        group = []
+        group, unit = [], get_modality(modality).bench_unit
         for name, spec in specs.items():
             row = {**st, "modality": modality, "flavor": flavor, "config": str(cfg_path.relative_to(ROOT)),
                    "variant": name, "precision": spec["overrides"]["train.precision"], "batch": spec["batch"],
                    "clones": spec["clones"], "views": spec["batch"] * spec["clones"], "warmup": warmup,
-                   "repeats": repeats, "steps": steps, "rounds": rounds, "unit": UNITS[modality],
+                   "repeats": repeats, "steps": steps, "rounds": rounds, "unit": unit,
                    "d2v_speedup": "", "set": " ".join(a.set)}
             if name in errors:
                 failed.append(f"{modality}/{flavor} {name}")
@@ -487,7 +461,7 @@ def main(argv=None) -> int:
             else:
                 row.update(make_row(st, spec, results[name], cuda))
                 print(f"{modality}/{flavor} {name:14s} {row['ms_median']:>9s} ms/step  "
-                      f"{row['views_per_s']:>9s} views/s  {row['unit_per_s']:>10s} {UNITS[modality]}  "
+                      f"{row['views_per_s']:>9s} views/s  {row['unit_per_s']:>10s} {unit}  "
                       f"{row['gflop_per_step']} GFLOP  peak {row['peak_mib']} MiB  "
                       f"loss {row.pop('_loss'):.3f}", flush=True)
             if a.quick:

@@ -33,8 +33,8 @@ from d2v.checkpoint import CheckpointWriteError
 from d2v.config import ConfigError
 from d2v.log import get_logger, setup_logging
 from d2v.preempt import EXIT_STOPPED
+from d2v.registry import get_modality
 
-SAMPLE_UNIT = {"image": "images", "audio": "utterances", "text": "sequences"}
 EXIT_USAGE, EXIT_DIVERGED, EXIT_PEER, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 69, 74, 130
 # what gloo, NCCL and the TCP store say when a peer rank is gone or stopped answering
 PEER_FAILURE = re.compile(r"timed out|timeout|connection (reset|closed) by peer|broken pipe|"
@@ -67,7 +67,7 @@ def _pretrain(args) -> int:
               f"train.allow_schedule_change)")
     print(f"\ndone: {summary['steps']} steps ({summary['steps_this_run']} this run) "
           f"in {summary['wall_s']:.0f} s, "
-          f"{summary['samples_per_s']:.1f} {SAMPLE_UNIT[cfg.model.modality]}/s | "
+          f"{summary['samples_per_s']:.1f} {get_modality(cfg.model.modality).sample_unit}/s | "
           f"loss {f.get('loss', float('nan')):.4f} "
           f"(reg {f.get('loss_reg', float('nan')):.4f}, cls {f.get('loss_cls', float('nan')):.4f}) | "
           f"target_var {f.get('target_var', float('nan')):.3f} "

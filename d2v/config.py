@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
+from d2v.registry import flavor_defaults, get_modality, modality_defaults, modality_names
+
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "check_resume_config"]
 
 
@@ -92,13 +94,11 @@ class DecoderConfig:
         c.range(f"{p}.input_dropout", self.input_dropout, 0.0, 1.0, hi_open=True)
         c.choice(f"{p}.projection_layers", self.projection_layers, (1, 2))
         c.positive(f"{p}.projection_ratio", self.projection_ratio)
-MODALITIES = ("image", "audio", "text")
-
-
 @dataclass(kw_only=True)
 class ModelConfig:
-    modality: str = "image"  # "image" | "audio" | "text"; selects the flavor table and section defaults
+    modality: str = "image"  # a registered modality (d2v.registry): "image" | "audio" | "text"
     flavor: str = "tiny"  # architecture preset from d2v.registry, overridden by the keys below
+    # fields of one modality (its ModalitySpec.model_keys; setting one for another modality is an error)
     # image
     image_size: int = 32  # image: input side in pixels
     patch_size: int = 4  # image: patch side in pixels
@@ -140,7 +140,7 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def validate(self, p: str, c: _Check) -> None:
-        c.choice(f"{p}.modality", self.modality, MODALITIES)
+        c.choice(f"{p}.modality", self.modality, modality_names())
         c.choice(f"{p}.attention", self.attention, ("sdpa", "eager"))
         c.choice(f"{p}.head", self.head, ("decoder", "linear"))
         if self.head == "linear" and self.skip_masked:
@@ -167,14 +167,6 @@ class ModelConfig:
         # the first decoder conv reads D channels
         if ok["embed_dim"] and self.head == "decoder" and d.groups >= 1:
             c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.decoder.groups", d.groups)
-        if self.modality == "image" and ok["image_size"] and ok["patch_size"]:
-            if self.image_size % self.patch_size:
-                c.fail(f"{p}.image_size ({self.image_size}) must be a multiple of "
-                       f"{p}.patch_size ({self.patch_size})")
-        if self.modality == "image" and ok["embed_dim"] and self.embed_dim % 4:
-            c.fail(f"{p}.embed_dim must be a multiple of 4 (2-D sin-cos positions), got {self.embed_dim}")
-        if self.modality == "audio" and self.conv_pos_depth and ok["embed_dim"] and ok["conv_pos_groups"]:
-            c.divisible(f"{p}.embed_dim", self.embed_dim, f"{p}.conv_pos_groups", self.conv_pos_groups)
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
@@ -377,9 +369,6 @@ class Config:
         k = self.objective.average_top_k_layers
         if k is not None and k > m.depth:
             c.fail(f"objective.average_top_k_layers ({k}) exceeds model.depth ({m.depth})")
-        if m.modality == "text" and (self.data.tokens_per_sample or 0) > m.max_positions:
-            c.fail(f"data.tokens_per_sample ({self.data.tokens_per_sample}) exceeds "
-                   f"model.max_positions ({m.max_positions})")
         if self.train.precision == "fp16" and self.engine.name in ("single", "ddp", "fsdp2"):
             c.fail(f"train.precision: fp16 (dynamic loss scaling) needs engine.name deepspeed or "
                    f"auto; the {self.engine.name} backend supports fp32 and bf16")
@@ -387,25 +376,27 @@ class Config:
             label = "DeepSpeed engine" if self.engine.name == "deepspeed" else f"{self.engine.name} backend"
             c.fail(f"train.compile: the {label} does not compile the step (untested under its hooks); "
                    f"use engine.name=single or train.compile=false")
-        if m.modality != "image" and m.num_extra_tokens != 0:
-            c.fail(f"model.num_extra_tokens ({m.num_extra_tokens}): {m.modality} models have no "
-                   f"extra (CLS) tokens, as in the reference; only image models do")
         if self.probe.pool == "cls" and m.num_extra_tokens == 0:
             c.fail("probe.pool: 'cls' needs a CLS token (model.num_extra_tokens >= 1, image "
                    "only); use probe.pool=mean")
-        if m.modality == "image" and m.image_size % m.patch_size == 0:
-            # every masked copy must keep one patch (the student's input) and mask one (the loss);
-            # kept = int(L * (1 - mask_prob)), as d2v.masking.inverse_block_mask counts it
-            n, p = m.grid ** 2, self.masking.mask_prob
-            kept = int(n * (1.0 - p))
-            where = f"of the {n} patches ({m.image_size}/{m.patch_size} per side)"
-            if kept < 1:
-                c.fail(f"masking.mask_prob: {p} keeps 0 {where}; lower it")
-            elif kept >= n:
-                c.fail(f"masking.mask_prob: {p} masks 0 {where}; raise it")
+        spec = get_modality(m.modality)
+        self._refuse_foreign_keys(spec, c)
+        if spec.check is not None:
+            spec.check(self, c)
         if c.errors:
             raise ConfigError(*c.errors)
         return self
+
+    def _refuse_foreign_keys(self, spec, c: _Check) -> None:
+        """A key another modality owns, set away from its default, would be silently ignored: refuse it."""
+        for other in map(get_modality, modality_names()):
+            for sec, keys in (("model", other.model_keys), ("data", other.data_keys)):
+                mine = spec.model_keys if sec == "model" else spec.data_keys
+                section, default = getattr(self, sec), type(getattr(self, sec))()
+                for k in keys:
+                    if k not in mine and getattr(section, k) != getattr(default, k):
+                        c.fail(f"{sec}.{k}: {getattr(section, k)!r} is set, but it is a {other.name} key and "
+                               f"model.modality is {spec.name}, which ignores it; remove it")
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -413,16 +404,14 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Defaults, then the modality's section defaults, then its flavor preset, then `d`."""
-        from d2v.registry import flavor_defaults, modality_defaults
-
         d = dict(d or {})
         model = d.get("model")
         if model is not None and not isinstance(model, dict):
             raise ConfigError(f"model: expected a mapping of keys, got {model!r}")
         model = dict(model or {})
         modality = model.get("modality", ModelConfig().modality)
-        if modality not in MODALITIES:
-            raise ConfigError(f"model.modality: expected one of {list(MODALITIES)}, got {modality!r}")
+        if modality not in modality_names():
+            raise ConfigError(f"model.modality: expected one of {list(modality_names())}, got {modality!r}")
         flavor = model.get("flavor", ModelConfig().flavor)
         d = deep_merge(modality_defaults(modality), d)
         try:

@@ -62,9 +62,7 @@ class Data2Vec2(nn.Module):
         D = cfg.embed_dim
         with torch.no_grad():
             self.apply(_bert_init)
-        self.modality_encoder.reset_decoder_projection()
-        if cfg.modality == "audio":  # the reference re-initializes the feature projection with defaults
-            self.modality_encoder.project_features[1].reset_parameters()
+        self.modality_encoder.after_init()  # modality-specific re-initializations after the BERT init
         # data2vec 1.0 modes: learned mask embedding for the full-length student, linear regression head.
         # Drawn last, so every mode starts from the same encoder weights for the same seed.
         self.mask_emb = None if cfg.skip_masked else nn.Parameter(torch.empty(D).normal_(std=0.02))

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from d2v.config import Config
-from d2v.data.build import ProbeTask, build_probe_tasks
+from d2v.data.build import build_probe_tasks
+from d2v.data.common import ProbeTask
 from d2v.log import get_logger
 from d2v.model import build_model
 from d2v.rng import seed_everything

@@ -40,6 +40,7 @@ from d2v.model import build_model
 from d2v.objective import STAT_KEYS
 from d2v.optim import check_schedule_change, lr_at
 from d2v.preempt import StopRequest
+from d2v.registry import get_modality
 from d2v.rng import rank_seed, seed_everything
 from d2v.runlock import RunLock
 
@@ -196,9 +197,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         """The pretraining dataset and a loader that starts at this run's data position."""
-        from d2v.data.build import SOURCE_KEY, build_pretrain_data
+        from d2v.data.build import build_pretrain_data
 
-        self.source_key = SOURCE_KEY[self.cfg.model.modality]
+        self.source_key = get_modality(self.cfg.model.modality).source_key
         self.dataset, self.loader = build_pretrain_data(self.cfg, start_step=self.data_position(),
                                                         rank=self.rank, world_size=self.world_size,
                                                         pin_memory=self.device.type == "cuda",

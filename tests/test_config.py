@@ -106,7 +106,7 @@ def test_defaults_are_valid_and_k_defaults_to_all_blocks():
 
 
 def test_normalization_defaults_follow_the_data():
-    from d2v.data.build import normalization
+    from d2v.data.build_image import normalization
     from d2v.data.embedded import DIGITS32_MEAN
     from d2v.data.images import IMAGENET_MEAN
 

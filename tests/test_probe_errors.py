@@ -129,7 +129,8 @@ def test_unlabelled_task_is_skipped_with_a_log_warning(tmp_path, probe_log, recw
     """A task without labels next to a labelled one is skipped with a warning through the logger (no
     Python warning)."""
     import d2v.probe as probe
-    from d2v.data.build import ProbeTask, build_probe_tasks
+    from d2v.data.build import build_probe_tasks
+    from d2v.data.common import ProbeTask
 
     _write(tmp_path / "train", {"a": 2, "b": 2})
     _write(tmp_path / "test", {"a": 10, "b": 10})

@@ -20,7 +20,8 @@ import pytest
 
 from d2v.config import load_config
 from d2v.data import text as text_mod
-from d2v.data.build import build_pretrain_data, text_tokenizer
+from d2v.data.build import build_pretrain_data
+from d2v.data.build_text import text_tokenizer
 from d2v.data.text import (
     TextBlockDataset,
     TextLineDataset,

@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from d2v.checkpoint import checkpoint_root, complete_checkpoints  # noqa: E402
 from d2v.config import Config  # noqa: E402
-from d2v.data.build import SOURCE_KEY, build_pretrain_data  # noqa: E402
+from d2v.data.build import build_pretrain_data  # noqa: E402
 from d2v.ema import EMATeacher  # noqa: E402
 from d2v.model import build_model  # noqa: E402
+from d2v.registry import get_modality  # noqa: E402
 from d2v.weights import load_weights  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def cross_loss(run: Path, batches: int = 8, seed: int = 0) -> dict:
     _, loader = build_pretrain_data(cfg, start_step=0, resumed=True)
     it = iter(loader)
     data = [next(it) for _ in range(batches)]
-    key = SOURCE_KEY[cfg.model.modality]
+    key = get_modality(cfg.model.modality).source_key
     steps = sorted(states)
     d = cfg.model.embed_dim
     scale = cfg.objective.loss_scale if cfg.objective.loss_scale is not None else d ** -0.5

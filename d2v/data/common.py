@@ -1,6 +1,7 @@
 """What the image, audio and text pipelines share: the class-folder scan, the start-up header check,
 decode with fallback, virtual indices and per-item masks, collate helpers, the prepare-once cache
-folders of the embedded datasets, and atomic file writes.
+folders of the embedded datasets, atomic file writes, and what the builders return (the pretraining
+collate's mask indices, ProbeTask).
 
 Legend: B batch, M masks (clones) per sample, T mask positions (patches, frames or tokens),
 L_b the length of item b (samples or tokens), Lmax the longest in a batch.
@@ -16,14 +17,17 @@ import operator
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from d2v.data.files import DataDecodeError, walk_files
 from d2v.log import warn_once
+from d2v.masking import make_maskinfo
 
 T = TypeVar("T")
 
@@ -260,3 +264,46 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ------------------------------------------------------------------------------------------ builders
+def has_split(root: Path) -> bool:
+    """A data folder with train/ and test/ parts: pretrain on train, probe train -> test."""
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def user_path(cfg) -> Path | None:
+    """data.path, or None for the modality's embedded default."""
+    return Path(cfg.data.path).expanduser() if cfg.data.path else None
+
+
+class WithMaskInfo:
+    """Pretraining collate: the modality's collate, then the gather/restore indices of its masks,
+    batch["maskinfo"] = make_maskinfo(batch["mask"]) (a MaskInfo of (B*M, ...) CPU tensors).
+
+    Built here, in the DataLoader worker, because make_maskinfo is a host argsort plus host reads:
+    in the trainer's process they would stall the step (and, on a GPU, wait for the queued work).
+    The indices are a pure function of the mask, so training is bitwise the same as computing them in
+    the step. Picklable (DataLoader workers)."""
+
+    def __init__(self, collate: Callable[[list], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list) -> dict[str, Any]:
+        batch = self.collate(items)
+        batch["maskinfo"] = make_maskinfo(batch["mask"])
+        return batch
+
+    def __repr__(self) -> str:
+        return f"WithMaskInfo({self.collate!r})"
+
+
+@dataclass
+class ProbeTask:
+    """A labelled probe: train split, test split (None = split train 80/20), eval collate."""
+
+    name: str
+    train: Dataset
+    test: Dataset | None
+    collate: Callable[[list], dict[str, Any]]
+    source_key: str

@@ -116,6 +116,10 @@ class AudioEncoder(ModalityEncoder):
         self.context_encoder = BlockEncoder(prenet, nn.LayerNorm(D, eps=cfg.norm_eps), cfg.prenet_dropout)
         self.decoder: nn.Module | None = build_decoder(cfg)
 
+    def after_init(self) -> None:
+        super().after_init()
+        self.project_features[1].reset_parameters()  # the reference re-initializes it with torch's defaults
+
     def local_features(self, wav_BL: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """Waveforms (B, L) (+ sample padding mask (B, L), True = pad) -> (B, T, D) and the frame
         padding mask (B, T) (None without padding)."""

@@ -8,7 +8,9 @@ A modality encoder owns everything modality-specific around the shared main bloc
       and the attention bias the main blocks should use (ALiBi, key padding);
   decoder: (R, T, D) -> (R, T, D) predictions;
   local_modules: names of the feature-extractor submodules (dropped from the teacher when it reuses
-      the student's features, `model.ema_local_encoder: false`).
+      the student's features, `model.ema_local_encoder: false`);
+  after_init(): re-initializations after the model's BERT init (the reference's order).
+A modality registers its encoder class in its ModalitySpec (d2v.registry).
 
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept tokens, E extra tokens, H heads, D width.
 """
@@ -41,7 +43,9 @@ class ModalityEncoder(nn.Module):
         x = clone_rows(x_BTD, clones)  # (R, T, D)
         return torch.where(mask.mask.unsqueeze(-1), mask_emb_D.to(x.dtype), x)
 
-    def reset_decoder_projection(self) -> None:
+    def after_init(self) -> None:
+        """Called once after the model's BERT init of every module: re-initializes what the reference
+        does not BERT-init (the decoder's projection; a modality may add its own)."""
         if self.decoder is not None:
             self.decoder.reset_projection()
 

@@ -94,10 +94,11 @@ class Decoder2d(_ConvDecoder):
         return self.proj(x.flatten(2).transpose(1, 2))  # (R, T, D)
 
 
-def build_decoder(cfg) -> _ConvDecoder:
+def build_decoder(cfg, grid: int | None = None) -> _ConvDecoder:
     """The decoder of a model config (ModelConfig): model.decoder.* over width model.embed_dim, Conv2d on
-    the patch grid for images, Conv1d over the token axis for audio and text. Every modality encoder
-    builds its decoder here (the data2vec 1.0 linear head, model.head=linear, then replaces it: d2v.model)."""
-    if cfg.modality == "image":
-        return Decoder2d(cfg.decoder, cfg.embed_dim, cfg.grid)
+    a `grid` x `grid` token layout (images: the patch grid), else Conv1d over the token axis (audio,
+    text). Every modality encoder builds its decoder here (the data2vec 1.0 linear head,
+    model.head=linear, then replaces it: d2v.model)."""
+    if grid is not None:
+        return Decoder2d(cfg.decoder, cfg.embed_dim, grid)
     return Decoder1d(cfg.decoder, cfg.embed_dim)

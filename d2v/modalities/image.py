@@ -70,7 +70,7 @@ class ImageEncoder(ModalityEncoder):
                         cfg.attention_dropout, cfg.activation_dropout, cfg.post_mlp_dropout)
                   for _ in range(cfg.prenet_depth)]
         self.context_encoder = BlockEncoder(prenet, nn.LayerNorm(D, eps=cfg.norm_eps), cfg.prenet_dropout)
-        self.decoder: nn.Module | None = build_decoder(cfg)
+        self.decoder: nn.Module | None = build_decoder(cfg, grid=cfg.grid)
         self.num_patches = cfg.grid * cfg.grid
         self.patch_size = cfg.patch_size
 
