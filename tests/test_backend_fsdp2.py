@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest -q tests/test_backend_fsdp2.py
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +19,12 @@ import torch
 
 from d2v.checkpoint import load_checkpoint
 from d2v.metrics import read_metrics
-from tests.utils import micro_overrides
+from tests.utils import Crash, crash_after_update, free_port, micro_overrides, poison_loss, rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_image.yaml"
 STEPS = 8
 WORLD = 2
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(out, **extra):
@@ -60,20 +49,6 @@ def _weights(tr) -> dict:
     return sd
 
 
-def _poison(tr, when):
-    """Make the loss NaN on the forward calls `when(call_index, rank)` selects."""
-    fwd, calls = tr.model.forward, [0]
-
-    def forward(*a, **kw):
-        out = fwd(*a, **kw)
-        calls[0] += 1
-        if when(calls[0], tr.rank):
-            out = dict(out, loss=out["loss"] * float("nan"))
-        return out
-
-    tr.model.forward = forward
-
-
 def _track_ema(tr, rec):
     """Wrap the teacher update: after each, the expected teacher from the gathered student."""
     ref = {k: _full(v) for k, v in tr.teacher.module.state_dict().items()}
@@ -92,8 +67,7 @@ def _track_ema(tr, rec):
 
 
 def _worker(rank, port, root):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), D2V_CACHE=os.environ["D2V_CACHE"])
+    rank_env(rank, WORLD, port, D2V_CACHE=os.environ["D2V_CACHE"])
     torch.set_num_threads(1)
     from d2v.trainer import Trainer
 
@@ -110,15 +84,7 @@ def _worker(rank, port, root):
     rec["ema_err"] = max((teacher[n] - ref[n]).abs().max().item() for n in ref)
     # crash after step 6 (checkpoint at 4), resume: the same end state, bit for bit
     tb = Trainer(_cfg(root / "b"), progress=False)
-    orig = tb.teacher.update
-
-    def crash(step, _orig=orig):
-        d = _orig(step)
-        if step == 6:
-            raise Crash("simulated crash")
-        return d
-
-    tb.teacher.update = crash
+    crash_after_update(tb, 6)
     try:
         tb.train()
     except Crash:
@@ -129,13 +95,13 @@ def _worker(rank, port, root):
     rec["b"] = _weights(tc)
     # a NaN on rank 1 only, at the third step: that step is skipped on both ranks
     tn = Trainer(_cfg(root / "nan1"), progress=False)
-    _poison(tn, lambda call, r: call == 3 and r == 1)
+    poison_loss(tn, lambda call, r: call == 3 and r == 1)
     summary = tn.train()
     w = _weights(tn)
     rec["nan1"] = {"skipped": summary["skipped_steps"], "steps": tn.step, "position": tn.data_position(),
                    "finite": all(bool(v.isfinite().all()) for v in w.values())}
     ts = Trainer(_cfg(root / "nan2", **{"engine.max_nonfinite_steps": 3}), progress=False)
-    _poison(ts, lambda call, r: call >= 2 and r == 0)
+    poison_loss(ts, lambda call, r: call >= 2 and r == 0)
     try:
         ts.train()
         rec["nan2"] = None
@@ -152,7 +118,7 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     root = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD)
     return root, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -222,7 +188,7 @@ def test_torchrun_starts_two_fsdp2_ranks(tmp_path):
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert exe, "torchrun is not installed next to this python"
     out = tmp_path / "run"
-    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "d2v", "pretrain",
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "d2v", "pretrain",
            "--config", str(TINY), *micro_overrides(out, 4, **{"engine.name": "fsdp2", "train.batch_size": 4}),
            "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -237,14 +203,13 @@ def test_torchrun_starts_two_fsdp2_ranks(tmp_path):
 
 
 def _gpu_worker(rank, port, root):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    rank_env(0, 1, port)
     from d2v.trainer import Trainer
 
     cfg = _cfg(Path(root) / "gpu", **{"train.precision": "bf16", "engine.grad_accum_steps": 2,
                                       "train.max_steps": 4, "train.log_every": 1})
     tr = Trainer(cfg, progress=False)
-    _poison(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
+    poison_loss(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
     summary = tr.train()
     torch.save({"backend": torch.distributed.get_backend(), "device": tr.device.type, "steps": tr.step,
                 "skipped": summary["skipped_steps"]}, Path(root) / "gpu.pt")
@@ -256,7 +221,7 @@ def test_gpu_nccl_bf16_with_a_skipped_step(tmp_path):
     step and the collective checkpoint write."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_gpu_worker, args=(_free_port(), str(tmp_path)), nprocs=1)
+    mp.spawn(_gpu_worker, args=(free_port(), str(tmp_path)), nprocs=1)
     rec = torch.load(tmp_path / "gpu.pt")
     assert rec == {"backend": "nccl", "device": "cuda", "steps": 4, "skipped": 1}, rec
     rows = read_metrics(tmp_path / "gpu" / "metrics.csv")

@@ -19,7 +19,7 @@ from d2v.data import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     ResumableBatchSampler,
-    build_image_loader,
+    build_loader,
     collate_images,
     default_cache_dir,
     embedded,
@@ -461,11 +461,11 @@ def test_loader_workers_match_main_process_and_resume(tmp_path):
     root = _make_folder(tmp_path / "ds", n_per_class=5)  # 15 images, bs 4 -> 3 steps/epoch
     mask_fn = make_inverse_block_mask_fn(2, 2, 0.5, 1, 0.0)
     ds = ImageFolderDataset(root, image_size=8, mask_fn=mask_fn)
-    ref = _batches(build_image_loader(ds, batch_size=4, seed=7), 5)
-    par_loader = build_image_loader(ds, batch_size=4, seed=7, num_workers=2)
+    ref = _batches(build_loader(ds, batch_size=4, seed=7), 5)
+    par_loader = build_loader(ds, batch_size=4, seed=7, num_workers=2)
     par = _batches(par_loader, 5)
     del par_loader
-    resumed = _batches(build_image_loader(ds, batch_size=4, seed=7, start_step=3), 2)
+    resumed = _batches(build_loader(ds, batch_size=4, seed=7, start_step=3), 2)
     assert ref[0]["mask"].shape == (8, 4) and ref[0]["image"].shape == (4, 3, 8, 8)
     for a, b in zip(ref, par):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])

@@ -15,14 +15,13 @@ import json
 import math
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from d2v.metrics import read_metrics
-from tests.utils import micro_overrides
+from tests.utils import Crash, crash_after_update, free_port, micro_overrides, poison_loss, rank_env
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -30,10 +29,6 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_image.yaml"
 STAGES = (0, 1, 2, 3)
 STEPS = 8
 WORLD = 2
-
-
-class Crash(RuntimeError):
-    pass
 
 
 # bf16 + gradient accumulation + activation checkpointing, on the stages with distinct teacher paths
@@ -166,8 +161,7 @@ def _track_ema(tr, stage, record, module_ref=None):
 
 
 def _worker(rank, port, root):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0", D2V_CACHE=os.environ["D2V_CACHE"])
+    rank_env(rank, WORLD, port, D2V_DEEPSPEED_SHM="0", D2V_CACHE=os.environ["D2V_CACHE"])
     torch.set_num_threads(1)
     from d2v.trainer import Trainer
 
@@ -192,15 +186,7 @@ def _worker(rank, port, root):
         # crash after step 6 (checkpoint at 4), then resume
         cfg_b = _cfg(root / f"z{stage}" / "b", stage)
         tb = Trainer(cfg_b, progress=False)
-        orig = tb.teacher.update
-
-        def crash(step, _orig=orig):
-            d = _orig(step)
-            if step == 6:
-                raise Crash("simulated crash")
-            return d
-
-        tb.teacher.update = crash
+        crash_after_update(tb, 6)
         try:
             tb.train()
         except Crash:
@@ -266,15 +252,7 @@ def _bf16_runs(trainer_cls, root):
         r["module_ref_gap"] = max((ref[n] - module_ref[n]).abs().max().item() for n in ref)
         r["teacher"], r["masters"] = teacher, _full_student(tr, stage)
         tb = trainer_cls(_cfg(root / f"bf{stage}" / "b", stage, **BF16), progress=False)
-        orig = tb.teacher.update
-
-        def crash(step, _orig=orig):
-            d = _orig(step)
-            if step == 3:
-                raise Crash("simulated crash")
-            return d
-
-        tb.teacher.update = crash
+        crash_after_update(tb, 3)
         try:
             tb.train()
         except Crash:
@@ -287,20 +265,6 @@ def _bf16_runs(trainer_cls, root):
         r["resume_masters_equal"] = all(torch.equal(t, r["masters"][n])
                                         for n, t in _full_student(tc, stage).items())
     return rec
-
-
-def _poison(tr, when):
-    """Make the loss NaN on the calls `when(call_index, rank)` selects (the other rank stays finite)."""
-    fwd, calls = tr.model.forward, [0]
-
-    def forward(*a, **kw):
-        out = fwd(*a, **kw)
-        calls[0] += 1
-        if when(calls[0], tr.rank):
-            out = dict(out, loss=out["loss"] * float("nan"))
-        return out
-
-    tr.model.forward = forward
 
 
 def _killed_mid_checkpoint(trainer_cls, root):
@@ -333,11 +297,11 @@ def _killed_mid_checkpoint(trainer_cls, root):
 def _nan_runs(trainer_cls, root, rank):
     rec = {}
     tr = trainer_cls(_cfg(root / "nan1", 2), progress=False)
-    _poison(tr, lambda call, r: call == 3 and r == 1)  # one bad batch, on rank 1 only
+    poison_loss(tr, lambda call, r: call == 3 and r == 1)  # one bad batch, on rank 1 only
     rec["summary_skipped"] = tr.train()["skipped_steps"]
     rec["steps"], rec["skipped"] = tr.step, tr.skipped_steps
     tr = trainer_cls(_cfg(root / "nan2", 2, **{"engine.max_nonfinite_steps": 3}), progress=False)
-    _poison(tr, lambda call, r: call >= 2 and r == 0)  # diverged for good on rank 0
+    poison_loss(tr, lambda call, r: call >= 2 and r == 0)  # diverged for good on rank 0
     try:
         tr.train()
         rec["error"] = None
@@ -368,7 +332,7 @@ def _nan_accum_runs(trainer_cls, root):
         for case, bad in NAN_ACCUM_CASES.items():
             tr = trainer_cls(_cfg(root / f"nanacc{stage}{case}", stage, **{
                 "engine.grad_accum_steps": 2, "train.max_steps": NAN_ACCUM_STEPS}), progress=False)
-            _poison(tr, lambda call, r, _bad=bad: r in _bad.get(call, ()))
+            poison_loss(tr, lambda call, r, _bad=bad: r in _bad.get(call, ()))
             r = rec[(stage, case)] = {"warned": [], "batches": 0, "skips": []}
             step, next_batch, count = tr.train_step, tr._next_batch, tr._count_nonfinite
 
@@ -399,7 +363,7 @@ def _nan_accum_runs(trainer_cls, root):
     # stops once engine.max_nonfinite_steps=2 windows in a row had a NaN: the message counts them
     tr = trainer_cls(_cfg(root / "nanacc_stop", 1, **{"engine.grad_accum_steps": 2,
                                                       "engine.max_nonfinite_steps": 2}), progress=False)
-    _poison(tr, lambda call, r: call >= 3 and r == 0)
+    poison_loss(tr, lambda call, r: call >= 3 and r == 0)
     try:
         tr.train()
         rec["stop"] = None
@@ -413,10 +377,7 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     root = tmp_path_factory.mktemp("ds")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(root)), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD)
     return root, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -681,8 +642,7 @@ def test_nonfinite_windows_in_a_row_stop_with_the_right_counts(runs):
 
 
 def _one_rank_resume(rank, port, root):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
+    rank_env(0, 1, port, D2V_DEEPSPEED_SHM="0")
     torch.set_num_threads(1)
     from d2v.trainer import Trainer
 
@@ -705,10 +665,7 @@ def test_zero0_resumes_on_another_world_size_others_refuse(runs):
     import torch.multiprocessing as mp
 
     root, _ = runs
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_one_rank_resume, args=(port, str(root)), nprocs=1)
+    mp.spawn(_one_rank_resume, args=(free_port(), str(root)), nprocs=1)
     rec = torch.load(root / "one_rank.pt")
     assert "saved by 2 ranks under ZeRO-1" in rec["z1_error"] and "resumes on 2 ranks only" in rec["z1_error"]
     assert rec["resumed_at"] == STEPS and rec["teacher_err"] == 0.0 and rec["steps"] == STEPS + 2
@@ -727,8 +684,7 @@ def test_killed_mid_checkpoint_keeps_latest_complete(runs):
 
 
 def _gpu_worker(rank, port, root):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
+    rank_env(0, 1, port, D2V_DEEPSPEED_SHM="0")
     from d2v.trainer import Trainer
 
     root, rec = Path(root), {}
@@ -736,7 +692,7 @@ def _gpu_worker(rank, port, root):
         cfg = _cfg(root / f"gpu{stage}", stage, **{"train.precision": "bf16", "engine.grad_accum_steps": 2,
                                                     "train.max_steps": 4, "train.log_every": 1})
         tr = Trainer(cfg, progress=False)
-        _poison(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
+        poison_loss(tr, lambda call, r: call == 3)  # step 2's first micro-batch: the skip path's collectives
         summary = tr.train()
         rec[stage] = {"backend": torch.distributed.get_backend(), "device": tr.device.type, "steps": tr.step,
                       "skipped": summary["skipped_steps"]}
@@ -749,10 +705,7 @@ def test_gpu_nccl_bf16_logs_every_step(tmp_path):
     finiteness all-reduce, a skipped step and the checkpoint's object broadcasts, ZeRO-0 and ZeRO-3."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gpu_worker, args=(port, str(tmp_path)), nprocs=1)
+    mp.spawn(_gpu_worker, args=(free_port(), str(tmp_path)), nprocs=1)
     rec = torch.load(tmp_path / "gpu.pt")
     for stage in (0, 3):
         assert rec[stage] == {"backend": "nccl", "device": "cuda", "steps": 4, "skipped": 1}, rec

@@ -6,7 +6,6 @@ Run: .venv/bin/python -m pytest -q tests/test_launcher.py
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,10 @@ import pytest
 
 from d2v.checkpoint import load_checkpoint
 from d2v.metrics import read_metrics
-from tests.utils import micro_overrides
+from tests.utils import free_port, micro_overrides
 
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -34,9 +27,9 @@ def test_launcher_two_processes(tmp_path, launcher):
     assert exe, f"the {launcher} launcher script is not installed next to this python"
     out = tmp_path / "run"
     overrides = micro_overrides(out, 4, **{"engine.zero_stage": 1, "train.batch_size": 4})
-    start = ([exe, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "d2v"]
+    start = ([exe, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "d2v"]
              if launcher == "deepspeed" else
-             [exe, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "d2v"])
+             [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "d2v"])
     cmd = [*start, "pretrain", "--config", str(ROOT / "configs" / "tiny_image.yaml"), *overrides,
            "--no-probe", "--no-progress"]
     env = dict(os.environ, D2V_DEEPSPEED_SHM="0", OMP_NUM_THREADS="1")

@@ -14,7 +14,6 @@ Run: .venv/bin/python -m pytest -q tests/test_no_host_sync.py
 """
 import contextlib
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from d2v.config import load_config
-from tests.utils import micro_overrides
+from tests.utils import free_port, micro_overrides, rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_image.yaml"
@@ -115,8 +114,7 @@ def test_single_trainer_reads_device_values_on_log_steps_only(tmp_path):
 
 
 def _deepspeed_worker(rank, port, root):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), D2V_DEEPSPEED_SHM="0")
+    rank_env(0, 1, port, D2V_DEEPSPEED_SHM="0")
     torch.set_num_threads(1)
     from d2v.trainer import Trainer
 
@@ -139,10 +137,7 @@ def test_deepspeed_reads_one_flag_per_optimizer_step(tmp_path):
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_deepspeed_worker, args=(port, str(tmp_path)), nprocs=1)
+    mp.spawn(_deepspeed_worker, args=(free_port(), str(tmp_path)), nprocs=1)
     for stage, rec in torch.load(tmp_path / "reads.pt").items():
         assert rec["steps"] == 4
         in_step = [r for r in rec["records"] if r[0] == "step"]

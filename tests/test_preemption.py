@@ -14,7 +14,6 @@ Run: .venv/bin/python -m pytest -q tests/test_preemption.py
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 from d2v.checkpoint import complete_checkpoints, load_checkpoint
 from d2v.metrics import read_metrics
 from d2v.preempt import EXIT_STOPPED
-from tests.utils import micro_overrides
+from tests.utils import free_port, micro_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny_image.yaml")
@@ -93,15 +92,9 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, sig):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= stopped + 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_ranks(out: Path, *extra, **overrides) -> list:
     """Two ranks started the way srun/torchrun start them (RANK, WORLD_SIZE, ... in the environment)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

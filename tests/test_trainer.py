@@ -13,7 +13,7 @@ from d2v.config import load_config
 from d2v.metrics import read_metrics
 from d2v.optim import lr_at
 from d2v.trainer import Trainer
-from tests.utils import micro_overrides
+from tests.utils import Crash, micro_overrides
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_image.yaml"
 
@@ -34,10 +34,6 @@ def test_short_run_loss_decreases(tmp_path):
     assert last < 0.88 * first, (first, last)  # measured ~0.82 (7.34 -> 6.04); flat loss = no learning
     assert Path(summary["loss_curve"]).stat().st_size > 10_000  # a real PNG was drawn
     assert summary["unreadable_files"] == []
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -106,6 +107,52 @@ class _Keep(logging.Handler):
 
 
 # ------------------------------------------------------------------------------------ training runs
+
+
+# ------------------------------------------------------------------------------------ ranks
+class Crash(RuntimeError):
+    """A simulated crash, raised inside a run."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, **extra: str) -> None:
+    """Make this process rank `rank` of `world` on 127.0.0.1:`port` (the torch.distributed variables, which
+    the launchers set), plus `extra` variables."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **extra)
+
+
+def crash_after_update(tr, at_step: int) -> None:
+    """Make the trainer raise Crash right after its EMA update of optimizer step `at_step`."""
+    update = tr.teacher.update
+
+    def crash(step):
+        d = update(step)
+        if step == at_step:
+            raise Crash("simulated crash")
+        return d
+
+    tr.teacher.update = crash
+
+
+def poison_loss(tr, when) -> None:
+    """Make the trainer's loss NaN on the forward calls `when(call_index, rank)` selects (1-based)."""
+    fwd, calls = tr.model.forward, [0]
+
+    def forward(*a, **kw):
+        out = fwd(*a, **kw)
+        calls[0] += 1
+        if when(calls[0], tr.rank):
+            out = dict(out, loss=out["loss"] * float("nan"))
+        return out
+
+    tr.model.forward = forward
 
 
 def micro_overrides(out_dir, steps=6, **extra):

@@ -25,7 +25,7 @@ from d2v.data.images import (
     make_inverse_block_mask_fn,
     scan_image_folder,
 )
-from d2v.data.sampler import ResumableBatchSampler, build_image_loader, build_loader
+from d2v.data.sampler import ResumableBatchSampler, build_loader
 from d2v.data.seed import derive_seed, seeded_generator
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "ImageFolderDataset",
     "InverseBlockMaskFn",
     "ResumableBatchSampler",
-    "build_image_loader",
     "build_loader",
     "collate_images",
     "default_cache_dir",

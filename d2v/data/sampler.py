@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from d2v.data.images import collate_images
 from d2v.data.seed import derive_seed
 
-__all__ = ["ResumableBatchSampler", "build_loader", "build_image_loader"]
+__all__ = ["ResumableBatchSampler", "build_loader"]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -154,4 +154,3 @@ def build_loader(
     )
 
 
-build_image_loader = build_loader  # the image pipeline's name for it (collate_images by default)
