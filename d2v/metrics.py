@@ -145,8 +145,9 @@ def loss_curve_figure(rows: list[dict], title: str | None = None):
     ax_loss.set_title("loss = loss_reg + loss_cls")
     ax_loss.set_ylabel("loss (log scale)" if log_scale else "loss")
 
-    # model.py: target_var / pred_var = std over all masked tokens of the batch (every clone's masked
-    # positions), per feature dimension, averaged over the dimensions: a std, despite the name.
+    # objective.py: target_var / pred_var = sqrt(variance + 1e-6) over all masked tokens of the batch
+    # (every clone's masked positions), per feature dimension, averaged over the dimensions: a std,
+    # despite the name (the reference's compute_var).
     for key, what in (("target_var", "teacher targets"), ("pred_var", "student predictions")):
         vals = _values(rows, key)
         if _has_data(vals):

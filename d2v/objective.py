@@ -20,9 +20,15 @@ import torch.nn.functional as F
 STAT_KEYS = ("loss", "loss_reg", "loss_cls", "target_var", "pred_var")
 
 
+VAR_EPS = 1e-6  # the reference's compute_var: sqrt(var + 1e-6)
+
+
 def std_over_tokens(y_ND: torch.Tensor) -> torch.Tensor:
-    """Mean over dims of the std across tokens (the reference's target_var / pred_var)."""
-    return y_ND.float().std(dim=0).mean()
+    """The reference's target_var / pred_var (fairseq data2vec2.py compute_var, single process): per dim
+    sqrt(unbiased variance across the N tokens + 1e-6), averaged over the D dims -> a scalar. The
+    distributed backends average this per-rank value over the ranks at log steps; the reference pools
+    the ranks' tokens first (an all-reduce of counts and sums each step), which d2v does not pay for."""
+    return torch.sqrt(y_ND.float().var(dim=0) + VAR_EPS).mean()
 
 
 def data2vec_loss(p_RND: torch.Tensor, y_RND: torch.Tensor, y_BTD: torch.Tensor, cls_RD: torch.Tensor | None,
