@@ -389,12 +389,14 @@ class Config:
 
     def _refuse_foreign_keys(self, spec, c: _Check) -> None:
         """A key another modality owns, set away from its default, would be silently ignored: refuse it."""
+        defaults = {"model": ModelConfig(), "data": DataConfig()}
         for other in map(get_modality, modality_names()):
+            if other.name == spec.name:
+                continue
             for sec, keys in (("model", other.model_keys), ("data", other.data_keys)):
-                mine = spec.model_keys if sec == "model" else spec.data_keys
-                section, default = getattr(self, sec), type(getattr(self, sec))()
+                section = getattr(self, sec)
                 for k in keys:
-                    if k not in mine and getattr(section, k) != getattr(default, k):
+                    if getattr(section, k) != getattr(defaults[sec], k):
                         c.fail(f"{sec}.{k}: {getattr(section, k)!r} is set, but it is a {other.name} key and "
                                f"model.modality is {spec.name}, which ignores it; remove it")
 

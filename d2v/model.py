@@ -1,5 +1,5 @@
-"""The data2vec 2.0 model: student encoder + decoder and the teacher's targets; the loss itself is
-d2v/objective.py.
+"""The data2vec 2.0 model: the student (encoder + decoder); its forward is handed the EMA teacher, which
+builds the targets (d2v/ema.py: EMATeacher.targets); the loss itself is d2v/objective.py.
 
 One training step (docs/architecture.md): the student embeds each sample once, repeats it for the M
 clones, encodes only the kept tokens, and its decoder fills the masked slots from noise; the EMA
@@ -10,7 +10,7 @@ regression (d2v.objective). Model code knows nothing of optimizers, logging or c
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept, N = T - K masked per row,
 E extra (CLS) tokens, D width.
 
-References: fairseq examples/data2vec/models/data2vec2.py (forward, make_targets, d2v_loss).
+References: fairseq examples/data2vec/models/data2vec2.py (forward, d2v_loss).
 """
 from __future__ import annotations
 
