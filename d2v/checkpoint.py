@@ -42,6 +42,9 @@ log = get_logger(__name__)
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 LATEST = "latest"
+# state["engine"] of a checkpoint that holds weights only (student, teacher, step; no optimizer or RNG
+# state): written by `d2v import`; a run resumed from it starts a fresh optimizer on any backend
+WEIGHTS_ONLY = "weights"
 
 _TMP = re.compile(r"^\.step_(\d+)\.tmp-(.+)$")  # a checkpoint being written
 _OLD = re.compile(r"^\.step_(\d+)\.old-(.+)$")  # a checkpoint set aside while being replaced

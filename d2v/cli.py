@@ -2,7 +2,8 @@
 
   d2v pretrain --config tiny_image [key=value ...] [--resume [DIR]] [--no-probe] [--quiet]
   d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
-  d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt
+  d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt [--format d2v|fairseq|hf]
+  d2v import --from fairseq CHECKPOINT.pt --out RUN_DIR [--dict dict.txt] [--tokenizer tokenizer.json]
   d2v config --config tiny_image [key=value ...]      (prints the resolved config)
   d2v --version
 
@@ -104,12 +105,42 @@ def _export(args) -> int:
     from d2v.weights import load_weights
 
     parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
+    if args.format != "hf" and not os.path.isdir(parent):
         raise FileNotFoundError(f"--out {args.out}: the folder {parent} does not exist (create it first)")
+    if args.format == "fairseq":
+        from d2v.interop.fairseq import export_fairseq
+
+        out, ck = export_fairseq(args.checkpoint, args.out)
+        print(f"wrote {out}: a fairseq data2vec_multi checkpoint (student, EMA teacher under _ema, cfg) "
+              f"from {ck}")
+        return 0
+    if args.format == "hf":
+        from d2v.interop.hf import export_hf
+
+        out, ck = export_hf(args.checkpoint, args.out)
+        print(f"wrote {out}: a transformers model folder (config, weights, tokenizer) from {ck}")
+        return 0
     state, cfg, ck = load_weights(args.checkpoint)
     torch.save({"student": state["model"], "teacher": state["teacher"], "config": cfg, "step": state["step"]},
                args.out)
     print(f"wrote {args.out}: student + teacher fp32 state dicts and config from {ck}")
+    return 0
+
+
+def _import(args) -> int:
+    from d2v.interop.fairseq import import_fairseq
+
+    res = import_fairseq(args.checkpoint, args.out, dict_path=args.dict, tokenizer=args.tokenizer)
+    c = res.config.model
+    print(f"imported {args.checkpoint} -> {res.run_dir}\n  {c.modality}: D {c.embed_dim}, {c.depth} blocks "
+          f"(+{c.prenet_depth} prenet), {c.num_heads} heads | step {res.step} | teacher: "
+          f"{'the EMA teacher (_ema)' if res.has_teacher else 'a copy of the student (no _ema)'}\n"
+          f"  checkpoint: {res.checkpoint}\n  config: {res.run_dir / 'config.yaml'}")
+    for n in res.notes:
+        print(f"  not represented: {n}")
+    print(f"next: d2v probe --checkpoint {res.run_dir} | d2v export --checkpoint {res.run_dir} --format "
+          f"fairseq --out FILE.pt | d2v pretrain --config {res.run_dir / 'config.yaml'} --resume "
+          f"[data.path=...]")
     return 0
 
 
@@ -174,13 +205,26 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
                                  "weights and config to one .pt file (DeepSpeed checkpoints via "
                                  "zero_to_fp32; loads without it)")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    ex.add_argument("--out", required=True, help="the .pt file to write")
+    ex.add_argument("--out", required=True, help="the .pt file to write (--format hf: a folder)")
+    ex.add_argument("--format", choices=("d2v", "fairseq", "hf"), default="d2v",
+                    help="d2v: student + teacher state dicts and config (default); fairseq: the reference's "
+                         "data2vec_multi checkpoint layout; hf: a transformers model folder (text)")
     ex.set_defaults(fn=_export)
+    im = argparse.ArgumentParser(prog="d2v import", description="turn a fairseq data2vec 2.0 checkpoint into "
+                                 "a d2v run folder (probe, embed, export and continued pretraining read it)")
+    im.add_argument("--from", dest="fmt", choices=("fairseq",), required=True, help="the checkpoint's format")
+    im.add_argument("checkpoint", help="the checkpoint file (e.g. Meta's released .pt)")
+    im.add_argument("--out", required=True, help="the run folder to create")
+    im.add_argument("--dict", default=None, help="text: the fairseq dict.txt the token ids index (default: "
+                    "dict.txt beside the checkpoint or in its task's data folder)")
+    im.add_argument("--tokenizer", default=None, help="text: a tokenizers JSON file whose ids are the "
+                    "dictionary's (e.g. roberta-base's tokenizer.json for Meta's text models)")
+    im.set_defaults(fn=_import)
     co = argparse.ArgumentParser(prog="d2v config", description="print the resolved config (recipe, flavor "
                                  "preset and overrides applied) as YAML")
     _overrides(co)
     co.set_defaults(fn=_config)
-    subs = {"pretrain": pt, "probe": pr, "export": ex, "config": co}
+    subs = {"pretrain": pt, "probe": pr, "export": ex, "import": im, "config": co}
     for p in subs.values():
         _common(p)
     return subs
@@ -189,7 +233,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 def build_parser() -> argparse.ArgumentParser:
     """The top level: global options, then a command whose own arguments (`args`) its parser reads."""
     p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining. Commands: pretrain, "
-                                "probe, export, config (`d2v COMMAND --help` for each).")
+                                "probe, export, import, config (`d2v COMMAND --help` for each).")
     p.add_argument("--version", action="version", version="%(prog)s")  # replaced in main (imports torch)
     # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
     # environment it also sets: d2v reads those)

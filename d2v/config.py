@@ -577,6 +577,18 @@ def check_resume_config(saved: dict, current: dict, ck) -> None:
                          f"{' ...' if len(diff) > 5 else ''} (start a new train.out_dir instead)")
 
 
+def check_weights_config(saved: dict, current: dict, ck) -> None:
+    """Continued pretraining from a weights-only checkpoint (d2v import): the model section must be the
+    checkpoint's (model.attention aside: a kernel choice); data, schedule and the rest are the run's."""
+    a = {k: v for k, v in flatten(saved.get("model", {}), "model.").items() if k != "model.attention"}
+    b = {k: v for k, v in flatten(current.get("model", {}), "model.").items() if k != "model.attention"}
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise ValueError(f"cannot continue from the weights in {ck}: the model differs in {shown}"
+                         f"{' ...' if len(diff) > 5 else ''} (start from the config saved with them)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or start from defaults when path is None) and apply key=value overrides."""
     d: dict = {}

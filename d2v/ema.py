@@ -32,10 +32,15 @@ class EMATeacher:
 
     source = "fp32 module weights (they are the masters; no communication)"  # what the banner reports
 
-    def __init__(self, student: nn.Module, start: float, end: float, anneal_end_step: int):
+    def __init__(self, student: nn.Module, start: float, end: float, anneal_end_step: int,
+                 init: dict | None = None):
+        """A copy of `student` (the reference's start), or, with `init`, a teacher state dict (full fp32
+        tensors: continued pretraining from saved or imported weights)."""
         teacher = copy.deepcopy(student)
         teacher.strip_to_teacher()  # no decoder; per modality, no feature extractor / only the blocks
         teacher.float().eval().requires_grad_(False)
+        if init is not None:
+            teacher.load_state_dict(init)
         self.module = teacher
         self.start, self.end, self.anneal_end_step = start, end, anneal_end_step
         self._pair(student)

@@ -27,13 +27,14 @@ from d2v import ops
 from d2v.backends import make_backend
 from d2v.backends.base import Backend, StepOutput
 from d2v.checkpoint import (
+    WEIGHTS_ONLY,
     check_writable,
     checkpoint_root,
     clean_debris,
     load_checkpoint,
     resolve_checkpoint,
 )
-from d2v.config import Config, check_resume_config
+from d2v.config import Config, check_resume_config, check_weights_config
 from d2v.log import add_run_log, get_logger, remove_run_log
 from d2v.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from d2v.model import build_model
@@ -181,18 +182,30 @@ class Trainer:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
 
+        # --resume: continue the run in out_dir, if any; --resume DIR: that checkpoint, which must exist
+        source = existing if resume is True else resume_dir
+        saved = load_checkpoint(source) if source is not None else None
+        weights = saved if saved is not None and saved[0].get("engine") == WEIGHTS_ONLY else None
+
         seed_everything(cfg.train.seed)
-        self.backend.setup(build_model(cfg))  # same seed -> same init as the probe's baseline
+        model = build_model(cfg)  # same seed -> same init as the probe's baseline
+        if weights is not None:  # continued pretraining from weights (d2v import): no optimizer state
+            check_weights_config(weights[1], cfg.to_dict(), weights[2])
+            model.load_state_dict(weights[0]["model"])
+        self.backend.setup(model, teacher_init=weights[0]["teacher"] if weights is not None else None)
         if self.rank > 0:  # per-rank decoder noise / layerdrop draws; rank 0 matches a single process
             seed_everything(rank_seed(cfg.train.seed, self.rank))
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped (non-finite loss, fp16 overflow); batches consumed
         self.nonfinite_in_a_row = 0
         self.resumed_from = None
-        if resume is True and existing is not None:  # --resume: continue the run in out_dir, if any
-            self._restore(existing)
-        elif resume_dir is not None:  # --resume DIR: that checkpoint, which must exist
-            self._restore(resume_dir)
+        if weights is not None:
+            self.step, self.resumed_from = int(weights[0]["step"]), weights[2]
+            if self.is_main:
+                log.info(f"continuing from the weights in {weights[2]} at step {self.step}: student and "
+                         f"teacher loaded, a fresh optimizer")
+        elif saved is not None:
+            self._restore(*saved)
         self._build_data()
 
     def _build_data(self) -> None:
@@ -271,8 +284,7 @@ class Trainer:
         state = {"step": self.step, "skipped_steps": self.skipped_steps}
         return self.backend.save(self.out_dir, self.step, state, self.cfg.to_dict(), self.cfg.train.keep_last)
 
-    def _restore(self, path) -> None:
-        state, saved_cfg, ck = load_checkpoint(path)
+    def _restore(self, state: dict, saved_cfg: dict, ck: Path) -> None:
         self.backend.check_checkpoint(state, ck)
         check_resume_config(saved_cfg, self.cfg.to_dict(), ck)
         check_schedule_change(saved_cfg, self.cfg, int(state["step"]), ck)

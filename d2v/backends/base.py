@@ -77,9 +77,10 @@ class Backend(ABC):
         """All ranks wait here (one process: nothing to wait for)."""
 
     @abstractmethod
-    def setup(self, model: torch.nn.Module) -> None:
-        """Place `model` (the student, built on the CPU from the run's seed), build the teacher and the
-        optimizer."""
+    def setup(self, model: torch.nn.Module, teacher_init: dict | None = None) -> None:
+        """Place `model` (the student, built on the CPU from the run's seed), build the teacher (a copy of
+        the student, or the full fp32 state dict `teacher_init`: continued pretraining from imported
+        weights) and the optimizer."""
 
     @abstractmethod
     def step(self, batches: list[tuple[torch.Tensor, object]], lr: float,

@@ -34,10 +34,11 @@ class DDPBackend(TorchDataParallel):
     name = "ddp"
     checkpoint_kinds = ("single", "ddp")
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, teacher_init: dict | None = None) -> None:
         cfg, o = self.cfg, self.cfg.optim
         self.model = model.to(self.device)
-        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
+                                  init=teacher_init)
         self.optimizer = build_optimizer(cfg, param_groups(self.model, o.weight_decay, o.decay_1d),
                                          fused=True if self.device.type == "cuda" else None)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]

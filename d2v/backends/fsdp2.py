@@ -91,14 +91,15 @@ class FSDP2Backend(TorchDataParallel):
                               f"only); set model.layerdrop=0 or use engine.name=ddp or deepspeed")
         super().__init__(cfg, device)
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, teacher_init: dict | None = None) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         cfg, o = self.cfg, self.cfg.optim
         self.model = model.to(self.device)
         # built (paired by name) before sharding, from the same full weights on every rank
-        self.teacher = ShardedEMA(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        self.teacher = ShardedEMA(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
+                                  init=teacher_init)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         shard(self.model, self.mesh)
         shard(self.teacher.module, self.mesh)

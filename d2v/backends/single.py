@@ -41,10 +41,11 @@ class SingleBackend(Backend):
     name = "single"
     checkpoint_kinds = ("single", "ddp")  # the same files: the full model, teacher and optimizer
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, teacher_init: dict | None = None) -> None:
         cfg, o = self.cfg, self.cfg.optim
         self.model = model.to(self.device)
-        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step)
+        self.teacher = EMATeacher(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
+                                  init=teacher_init)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.decay_1d),
                                            lr=o.lr, betas=o.betas, eps=o.eps)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]

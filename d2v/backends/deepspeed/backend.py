@@ -83,7 +83,7 @@ class DeepSpeedBackend(Backend):
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, teacher_init: dict | None = None) -> None:
         import deepspeed
 
         cfg, e, o = self.cfg, self.cfg.engine, self.cfg.optim
@@ -94,7 +94,7 @@ class DeepSpeedBackend(Backend):
         teacher_cls = ShardedEMATeacher if e.zero_stage == 3 else MasterEMATeacher if low else EMATeacher
         kw = {"ds_config": self.ds_config} if e.zero_stage == 3 else {}
         self.teacher = teacher_cls(self.model, cfg.ema.ema_start, cfg.ema.ema_end, cfg.ema.anneal_end_step,
-                                   **kw)
+                                   init=teacher_init, **kw)
         if e.activation_checkpointing:
             checkpoint_blocks(self.model, self.ds_config)
         # the optimizer d2v builds; DeepSpeed wraps it (self.optimizer) and calls its step() to update

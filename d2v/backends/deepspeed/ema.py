@@ -170,9 +170,9 @@ class ShardedEMATeacher(EMATeacher):
 
     source = "fp32 master shards (each rank its own shard, no communication)"
 
-    def __init__(self, student, start, end, anneal_end_step, ds_config: dict):
+    def __init__(self, student, start, end, anneal_end_step, ds_config: dict, init: dict | None = None):
         # built (and paired by name) before the student is partitioned, like EMATeacher
-        super().__init__(student, start, end, anneal_end_step)
+        super().__init__(student, start, end, anneal_end_step, init=init)
         self.ds_config = ds_config
 
     def partition(self) -> None:

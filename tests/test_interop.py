@@ -1,0 +1,284 @@
+"""Weights in and out: fairseq checkpoints (import, export, round trips, strict errors), continued
+pretraining from imported weights, the HF transformers export of text models and d2v.load_encoder.
+
+The parity of imported weights with the reference's own computation is tests/test_reference_fixtures.py.
+
+Run: .venv/bin/python -m pytest -q tests/test_interop.py
+"""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import d2v
+from d2v.checkpoint import save_checkpoint
+from d2v.config import Config, load_config
+from d2v.ema import EMATeacher
+from d2v.interop.fairseq import FairseqImportError, export_fairseq, import_fairseq
+from d2v.interop.fairseq_keys import reference_key, split_ema
+from d2v.model import build_model
+from d2v.weights import load_weights
+from tests.utils import micro_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+MODALITIES = ("image", "audio", "text")
+
+
+def tiny_cfg(modality: str, out_dir: Path, **model) -> Config:
+    small = dict(embed_dim=32, depth=2, num_heads=2, decoder=dict(dim=16, layers=2, groups=4))
+    if modality == "audio":
+        small.update(conv_dim=16, conv_pos_depth=2, conv_pos_groups=4)
+    if modality == "text":
+        small.update(vocab_size=64, max_positions=16, prenet_depth=1)
+    small.update(model)
+    return Config.from_dict({"model": {"modality": modality, "flavor": "tiny", **small},
+                             "objective": {"average_top_k_layers": 2}, "train": {"out_dir": str(out_dir)}})
+
+
+def perturbed_run(modality: str, out_dir: Path, step: int = 7, **model):
+    """A d2v run folder whose student and teacher differ from each other and from an init (every
+    parameter moved), so that a swapped key shows -> (cfg, student sd, teacher sd)."""
+    cfg = tiny_cfg(modality, out_dir, **model)
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    teacher = EMATeacher(student, 0.9, 0.99, 10)
+    with torch.no_grad():
+        for p in teacher.module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd, td = student.state_dict(), teacher.state_dict()
+    save_checkpoint(out_dir, step, {"engine": "single", "step": step, "model": sd, "teacher": td,
+                                    "optimizer": {}, "rng": None}, cfg.to_dict(), keep_last=3)
+    return cfg, sd, td
+
+
+def assert_same(a: dict, b: dict):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_export_then_import_is_bit_identical(tmp_path, modality):
+    cfg, sd, td = perturbed_run(modality, tmp_path / "run")
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    res = import_fairseq(f, tmp_path / "imported")
+    state, saved_cfg, _ = load_weights(tmp_path / "imported")
+    assert_same(state["model"], sd)
+    assert_same(state["teacher"], td)
+    assert state["step"] == res.step == 7 and res.has_teacher and res.notes == []
+    flavorless = {k: v for k, v in cfg.to_dict()["model"].items() if k != "flavor"}  # a preset's name
+    assert {k: v for k, v in saved_cfg["model"].items() if k != "flavor"} == flavorless
+    for sec in ("masking", "objective", "ema"):
+        assert saved_cfg[sec] == cfg.to_dict()[sec], sec
+    assert (tmp_path / "imported" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_export_layout_is_the_references(tmp_path, modality):
+    """Keys in the reference's layout: the teacher nested under _ema, every student key mapped by the
+    table (audio index shifts, ALiBi scale (1, 1, H, 1, 1); text teacher without `blocks.`)."""
+    cfg, sd, td = perturbed_run(modality, tmp_path / "run")
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    ck = torch.load(f, weights_only=False)
+    assert ck["cfg"]["model"]["_name"] == "data2vec_multi"
+    assert ck["cfg"]["model"]["supported_modality"] == modality.upper()
+    assert ck["optimizer_history"][-1]["num_updates"] == 7
+    student, teacher = split_ema(ck["model"])
+    assert isinstance(ck["model"]["_ema"], dict)
+    M = modality.upper()
+    assert all(k.startswith(("blocks.", f"modality_encoders.{M}.")) for k in student)
+    if modality == "audio":
+        assert student[f"modality_encoders.{M}.alibi_scale"].shape == (1, 1, 2, 1, 1)
+        assert f"modality_encoders.{M}.local_encoder.conv_layers.3.2.1.weight" in student
+        assert f"modality_encoders.{M}.project_features.2.weight" in student  # the Linear
+        assert f"modality_encoders.{M}.relative_positional_encoder.1.0.weight" in student
+        assert not any("alibi_slopes" in k for k in student)  # derived, not stored
+        assert torch.equal(student[f"modality_encoders.{M}.project_features.2.weight"],
+                           sd["modality_encoder.project_features.1.weight"])
+    if modality == "text":
+        assert set(teacher) == {f"_ema.{k[len('blocks.'):]}" for k in td}
+    else:
+        assert set(teacher) == {f"_ema.{reference_key(k, modality)}" for k in td if "alibi_slopes" not in k}
+
+
+def test_cli_export_and_import_fairseq(tmp_path):
+    perturbed_run("image", tmp_path / "run")
+    env_py = [sys.executable, "-m", "d2v"]
+    r = subprocess.run([*env_py, "export", "--checkpoint", str(tmp_path / "run"), "--format", "fairseq",
+                        "--out", str(tmp_path / "fs.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*env_py, "import", "--from", "fairseq", str(tmp_path / "fs.pt"), "--out",
+                        str(tmp_path / "imp")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "step 7" in r.stdout and "the EMA teacher (_ema)" in r.stdout
+    r = subprocess.run([*env_py, "import", "--from", "fairseq", str(tmp_path / "fs.pt"), "--out",
+                        str(tmp_path / "imp")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "already holds a run" in r.stderr  # never overwritten
+
+
+def _export(tmp_path, modality="image"):
+    perturbed_run(modality, tmp_path / "run")
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    return torch.load(f, weights_only=False)
+
+
+def _write(tmp_path, ck, name="bad.pt"):
+    torch.save(ck, tmp_path / name)
+    return tmp_path / name
+
+
+def test_import_refuses_missing_extra_and_misshaped_keys(tmp_path):
+    ck = _export(tmp_path)
+    key = "blocks.1.mlp.fc1.weight"
+    bad = copy.deepcopy(ck)
+    del bad["model"][key]
+    with pytest.raises(FairseqImportError, match=r"missing: blocks\.1\.mlp\.fc1\.weight"):
+        import_fairseq(_write(tmp_path, bad), tmp_path / "a")
+    bad = copy.deepcopy(ck)
+    bad["model"]["blocks.1.mlp.extra.weight"] = torch.zeros(3)
+    with pytest.raises(FairseqImportError, match=r"no place in the model: blocks\.1\.mlp\.extra\.weight"):
+        import_fairseq(_write(tmp_path, bad), tmp_path / "b")
+    bad = copy.deepcopy(ck)
+    bad["model"]["_ema"][key] = bad["model"]["_ema"][key][:, :-1]
+    with pytest.raises(FairseqImportError, match=r"\(_ema\): _ema\.blocks\.1\.mlp\.fc1\.weight has shape"):
+        import_fairseq(_write(tmp_path, bad), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # never a partial run
+
+
+def test_import_refuses_model_changing_config_and_reports_training_only_fields(tmp_path):
+    ck = _export(tmp_path)
+    bad = copy.deepcopy(ck)
+    bad["cfg"]["model"]["layer_norm_first"] = True
+    with pytest.raises(FairseqImportError, match=r"cfg\.model\.layer_norm_first = True"):
+        import_fairseq(_write(tmp_path, bad), tmp_path / "a")
+    bad = copy.deepcopy(ck)
+    bad["cfg"]["model"]["supported_modality"] = "VIDEO"
+    with pytest.raises(FairseqImportError, match="'VIDEO' is not a modality d2v knows"):
+        import_fairseq(_write(tmp_path, bad), tmp_path / "b")
+    ok = copy.deepcopy(ck)
+    ok["cfg"]["model"]["end_drop_path_rate"] = 0.1
+    res = import_fairseq(_write(tmp_path, ok), tmp_path / "c")
+    assert res.notes == ["cfg.model.end_drop_path_rate = 0.1 (d2v supports 0.0)"]
+
+
+def test_import_refuses_files_that_are_not_fairseq_checkpoints(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FairseqImportError, match="not a readable torch checkpoint"):
+        import_fairseq(tmp_path / "junk.pt", tmp_path / "a")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(FairseqImportError, match="not a fairseq checkpoint"):
+        import_fairseq(tmp_path / "other.pt", tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        import_fairseq(tmp_path / "missing.pt", tmp_path / "c")
+
+
+def test_audio_per_layer_alibi_scales_are_refused(tmp_path):
+    ck = _export(tmp_path, "audio")
+    ck["cfg"]["model"]["modalities"]["audio"]["learned_alibi_scale_per_layer"] = True
+    with pytest.raises(FairseqImportError, match="learned_alibi_scale_per_layer = True"):
+        import_fairseq(_write(tmp_path, ck), tmp_path / "a")
+
+
+def test_without_ema_the_teacher_starts_as_the_student(tmp_path):
+    ck = _export(tmp_path, "audio")
+    del ck["model"]["_ema"]
+    res = import_fairseq(_write(tmp_path, ck), tmp_path / "imp")
+    state, _, _ = load_weights(tmp_path / "imp")
+    assert not res.has_teacher and "copy of the student" in res.notes[-1]
+    for k, t in state["teacher"].items():
+        assert torch.equal(t, state["model"][k]), k
+
+
+def test_continued_pretraining_from_imported_weights(tmp_path):
+    """d2v pretrain --resume on an imported run: student and teacher are the checkpoint's, the step
+    counter continues from it, a fresh optimizer; the model section must stay the checkpoint's."""
+    from d2v.trainer import Trainer
+
+    out = tmp_path / "src"
+    src = load_config(str(ROOT / "configs" / "tiny_image.yaml"), micro_overrides(out, steps=2))
+    torch.manual_seed(1)
+    model = build_model(src)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    teacher = EMATeacher(model, 0.9, 0.99, 10)
+    save_checkpoint(out, 5, {"engine": "single", "step": 5, "model": model.state_dict(),
+                             "teacher": teacher.state_dict(), "optimizer": {}, "rng": None},
+                    src.to_dict(), keep_last=3)
+    f, _ = export_fairseq(out, tmp_path / "fs.pt")
+    run = tmp_path / "imp"
+    import_fairseq(f, run)
+    cfg = load_config(str(run / "config.yaml"), ["train.max_steps=7", "data.num_workers=0",
+                                                 "train.batch_size=8", "train.log_every=1"])
+    bad = load_config(str(run / "config.yaml"), ["model.depth=3", "objective.average_top_k_layers=3"])
+    with pytest.raises(ValueError, match=r"the model differs in model\.depth: 2 -> 3"):
+        Trainer(bad, resume=True, progress=False)
+    tr = Trainer(cfg, resume=True, progress=False)
+    try:
+        assert tr.step == 5 and tr.resumed_from is not None
+        assert_same({k: v.detach() for k, v in tr.model.state_dict().items()}, model.state_dict())
+        assert_same(tr.teacher.state_dict(), teacher.state_dict())
+        summary = tr.train()
+    finally:
+        tr.release()
+    assert summary["steps"] == 7 and summary["steps_this_run"] == 2
+
+
+def test_hf_export_matches_the_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from d2v.interop.hf import export_hf
+
+    cfg, sd, _ = perturbed_run("text", tmp_path / "run", prenet_depth=1)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate("abcdefgh ")}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "run" / "tokenizer.json"))
+    out, _ = export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.RobertaModel.from_pretrained(out, add_pooling_layer=False).eval()
+    model = build_model(cfg).eval()
+    model.load_state_dict(sd)
+    ids = torch.randint(4, 64, (3, 12))
+    ids[1, 9:], ids[2, 4:] = 1, 1  # right padding
+    pad = ids == 1
+    x, _, _ = model.encode(ids, padding_mask=pad)
+    y = hf(input_ids=ids, attention_mask=(~pad).long()).last_hidden_state
+    keep = ~pad
+    assert ((x - y)[keep].norm() / x[keep].norm()).item() < 1e-5
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    assert fast("abc")["input_ids"] == [0, 4, 5, 6]  # <s> first, as d2v's probe encodes a line
+    with pytest.raises(ValueError, match="exports text models"):
+        perturbed_run("image", tmp_path / "img")
+        export_hf(tmp_path / "img", tmp_path / "hf_img")
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_load_encoder_from_runs_and_fairseq_files(tmp_path, modality):
+    cfg, sd, td = perturbed_run(modality, tmp_path / "run")
+    enc = d2v.load_encoder(tmp_path / "run")
+    model = build_model(cfg).eval()
+    model.load_state_dict(sd)
+    source = {"image": lambda: torch.randn(2, 3, 32, 32), "audio": lambda: torch.randn(2, 4000),
+              "text": lambda: torch.randint(4, 64, (2, 10))}[modality]()
+    out = enc(source, all_layers=True)
+    with torch.no_grad():  # the same kernels as the encoder's (no-grad) forward
+        x, _, _ = model.encode(source)
+    E = model.num_extra_tokens
+    assert torch.equal(out.features, x[:, E:]) and len(out.layers) == cfg.model.depth
+    assert torch.equal(out.layers[-1], out.features)
+    assert (out.cls is not None) == (E > 0)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.model.training  # frozen: dropout stays off
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    from_file = d2v.load_encoder(f)
+    assert torch.equal(from_file(source).features, out.features)
+    t_enc = d2v.load_encoder(tmp_path / "run", teacher=True)
+    assert not torch.equal(t_enc(source).features, out.features)  # the teacher's weights differ
