@@ -252,6 +252,9 @@ def test_wheel_carries_recipes_sources_and_marker(wheel):
     for s in CSRC:
         assert f"d2v/csrc/{s}" in names, s
     assert {"d2v/py.typed", "d2v/recipes.py", "d2v/_ext.py", "d2v/kernels/__init__.py"} <= names
+    # every module of the source tree (a subpackage missing from setup.py's list would be left out)
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "d2v").rglob("*.py")}
+    assert source <= names, sorted(source - names)
     assert not any(n.endswith(".so") or n.startswith(("tests/", "configs/", "csrc/")) for n in names)
     assert info == {"status": "skipped", "reason": "D2V_SKIP_EXT=1 skipped it", "on_purpose": True}
 
