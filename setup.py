@@ -210,8 +210,8 @@ def build_ext_class():
 if __name__ == "__main__":  # importable by tests without building anything
     exts = extensions()
     setup(
-        packages=["d2v", "d2v.backends", "d2v.backends.deepspeed", "d2v.data", "d2v.interop", "d2v.modalities",
-                  "d2v.kernels"],
+        packages=["d2v", "d2v.backends", "d2v.backends.deepspeed", "d2v.data", "d2v.interop",
+                  "d2v.modalities", "d2v.kernels"],
         package_dir={"d2v.kernels": "kernels"},
         # package data (recipes, C++/CUDA sources, py.typed): [tool.setuptools.package-data] in pyproject.toml
         ext_modules=exts,

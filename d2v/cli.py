@@ -1,9 +1,10 @@
-"""The `d2v` command line: pretrain, probe, export, config.
+"""The `d2v` command line: pretrain, probe, export, import, embed, config.
 
   d2v pretrain --config tiny_image [key=value ...] [--resume [DIR]] [--no-probe] [--quiet]
   d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
   d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt [--format d2v|fairseq|hf]
   d2v import --from fairseq CHECKPOINT.pt --out RUN_DIR [--dict dict.txt] [--tokenizer tokenizer.json]
+  d2v embed --checkpoint RUN_OR_FAIRSEQ.pt --data PATH --out FEATURES.npz [--pool mean|cls|none]
   d2v config --config tiny_image [key=value ...]      (prints the resolved config)
   d2v --version
 
@@ -144,6 +145,17 @@ def _import(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from d2v.embed import embed
+
+    res = embed(args.checkpoint, args.data, args.out, pool=args.pool, teacher=args.teacher,
+                batch_size=args.batch_size, progress=not (args.no_progress or args.quiet),
+                tokenizer=args.tokenizer)
+    print(f"wrote {res['out']}: {res['items']} {res['modality']} item(s) x {res['dim']} "
+          f"({res['pool']}-pooled), {len(res['skipped'])} skipped")
+    return 0
+
+
 def _config(args) -> int:
     import yaml
 
@@ -220,11 +232,26 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     im.add_argument("--tokenizer", default=None, help="text: a tokenizers JSON file whose ids are the "
                     "dictionary's (e.g. roberta-base's tokenizer.json for Meta's text models)")
     im.set_defaults(fn=_import)
+    em = argparse.ArgumentParser(prog="d2v embed", description="features of every input under a folder (or "
+                                 "file) from a pretrained encoder, written to one .npz/.pt file")
+    em.add_argument("--checkpoint", required=True, help="a d2v run/checkpoint folder or a fairseq .pt file")
+    em.add_argument("--data", required=True, help="images, audio files (or a .tsv manifest), or text "
+                    "(one item per line): a file or a folder")
+    em.add_argument("--out", required=True, help="the .npz or .pt file to write")
+    em.add_argument("--pool", choices=("mean", "cls", "none"), default="mean",
+                    help="mean of the tokens (padding excluded), the CLS token (images), or none: every "
+                         "token")
+    em.add_argument("--teacher", action="store_true",
+                    help="the EMA teacher's weights instead of the student's")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--tokenizer", default=None, help="text: a tokenizers JSON instead of the run's")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
+    em.set_defaults(fn=_embed)
     co = argparse.ArgumentParser(prog="d2v config", description="print the resolved config (recipe, flavor "
                                  "preset and overrides applied) as YAML")
     _overrides(co)
     co.set_defaults(fn=_config)
-    subs = {"pretrain": pt, "probe": pr, "export": ex, "import": im, "config": co}
+    subs = {"pretrain": pt, "probe": pr, "export": ex, "import": im, "embed": em, "config": co}
     for p in subs.values():
         _common(p)
     return subs
@@ -233,7 +260,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 def build_parser() -> argparse.ArgumentParser:
     """The top level: global options, then a command whose own arguments (`args`) its parser reads."""
     p = argparse.ArgumentParser(prog="d2v", description="data2vec 2.0 pretraining. Commands: pretrain, "
-                                "probe, export, import, config (`d2v COMMAND --help` for each).")
+                                "probe, export, import, embed, config (`d2v COMMAND --help` for each).")
     p.add_argument("--version", action="version", version="%(prog)s")  # replaced in main (imports torch)
     # the `deepspeed` launcher passes --local_rank=N before the command (rank and world come from the
     # environment it also sets: d2v reads those)

@@ -282,3 +282,50 @@ def test_load_encoder_from_runs_and_fairseq_files(tmp_path, modality):
     assert torch.equal(from_file(source).features, out.features)
     t_enc = d2v.load_encoder(tmp_path / "run", teacher=True)
     assert not torch.equal(t_enc(source).features, out.features)  # the teacher's weights differ
+
+
+def test_embed_writes_features_and_names_skipped_files(tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from d2v.data.images import eval_image
+    from d2v.embed import embed
+
+    perturbed_run("image", tmp_path / "img")
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for i in range(3):
+        Image.fromarray((rng.rand(40, 50 + i, 3) * 255).astype(np.uint8)).save(pics / "sub" / f"{i}.png")
+    (pics / "broken.jpg").write_bytes(b"not a jpeg")
+    res = embed(tmp_path / "img", pics, tmp_path / "f.npz", progress=False)
+    d = np.load(tmp_path / "f.npz")
+    assert res["items"] == 3 and d["features"].shape == (3, 32) and len(d["names"]) == 3
+    assert d["skipped"][0][0].endswith("broken.jpg")
+    enc = d2v.load_encoder(tmp_path / "img")
+    cfg = enc.config
+    from d2v.data.build_image import normalization
+
+    x = eval_image(Path(d["names"][1]), cfg.model.image_size, *normalization(cfg))[None]
+    want = enc(x).features.mean(1)[0].numpy()
+    np.testing.assert_allclose(d["features"][1], want, rtol=1e-5, atol=1e-6)
+
+    perturbed_run("audio", tmp_path / "aud")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for i, n in enumerate((6000, 9000)):
+        sf.write(wavs / f"{i}.wav", (rng.randn(n) * 0.1).astype(np.float32), 16000)
+    sf.write(wavs / "tiny.wav", np.zeros(100, dtype=np.float32), 16000)
+    res = embed(tmp_path / "aud", wavs, tmp_path / "a.pt", pool="none", progress=False)
+    a = torch.load(tmp_path / "a.pt")
+    assert [Path(n).name for n in a["names"]] == ["0.wav", "1.wav"] and "tiny.wav" in a["skipped"][0][0]
+    enc = d2v.load_encoder(tmp_path / "aud")
+    wav, _ = sf.read(wavs / "0.wav", dtype="float32")
+    w = torch.nn.functional.layer_norm(torch.from_numpy(wav), (len(wav),), eps=1e-5)[None]
+    want = enc(w).features[0]  # alone (no padding): the padded batch must give the same frames
+    got = a["features"][a["offsets"][0]:a["offsets"][1]]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no CLS token"):
+        embed(tmp_path / "aud", wavs, tmp_path / "b.npz", pool="cls", progress=False)

@@ -45,3 +45,12 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> tuple[dict, int, float]:
     """One random batch of the recipe's shapes, for benchmarks -> ({"x": source (B, ...), "mask": (B*M, T)
     bool}, tokens per view, the modality's throughput unit per sample (ModalitySpec.bench_unit))."""
     return data_module(cfg).synthetic_batch(cfg, seed)
+
+
+def build_embed_source(cfg: Config, path: Path, run_dir: Path | None = None, **kw):
+    """The inputs of `d2v embed` from `path` in the modality's eval form (d2v.data.common.EmbedSource)."""
+    mod = data_module(cfg)
+    if not hasattr(mod, "embed_source"):
+        raise ValueError(f"d2v embed: the {cfg.model.modality} modality's data module ({mod.__name__}) "
+                         f"has no embed_source")
+    return mod.embed_source(cfg, Path(path).expanduser(), run_dir, **kw)

@@ -9,10 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from d2v.audio_frames import RECEPTIVE_FIELD, FeatureLength, conv_output_length
-from d2v.data.audio import AudioCollate, AudioDataset, LengthBucketBatchSampler, collate_audio_eval
-from d2v.data.common import ProbeTask, WithMaskInfo, user_path
+from d2v.data.audio import (
+    _NORM_EPS,
+    AudioCollate,
+    AudioDataset,
+    LengthBucketBatchSampler,
+    _is_audio,
+    collate_audio_eval,
+    load_audio,
+    read_manifest,
+)
+from d2v.data.common import EmbedSource, ProbeTask, WithMaskInfo, pad_right, user_path
+from d2v.data.files import walk_files
 from d2v.data.sampler import build_loader
 from d2v.masking import span_mask
 
@@ -82,3 +93,27 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
     mask = span_mask(B * M, T, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
                      adjust=mk.mask_prob_adjust, generator=g)
     return {"x": src, "mask": mask}, T, L / cfg.data.sample_rate
+
+
+def embed_source(cfg, path: Path, run_dir: Path | None = None) -> EmbedSource:
+    """Every audio file under `path` (or the file, or the files a .tsv manifest lists), whole, at
+    data.sample_rate, normalized per utterance when the run was (data.normalize); batches are
+    right-padded with a padding mask."""
+    if path.is_file() and path.suffix == ".tsv":
+        files = [e.path for e in read_manifest(path)]
+    else:
+        files = [path] if path.is_file() else walk_files(path, _is_audio)
+    if not files:
+        raise ValueError(f"--data {path}: no audio files")
+    d = cfg.data
+
+    def load(i: int) -> torch.Tensor:
+        x = torch.from_numpy(load_audio(files[i], d.sample_rate))  # (L,)
+        if x.shape[0] < RECEPTIVE_FIELD:
+            raise ValueError(f"{x.shape[0]} samples, shorter than one CNN frame ({RECEPTIVE_FIELD})")
+        return F.layer_norm(x, x.shape, eps=_NORM_EPS) if d.normalize else x
+
+    def collate(xs: list) -> tuple:
+        return pad_right(xs, 0.0, torch.float32)  # (B, Lmax), padding mask (B, Lmax)
+
+    return EmbedSource([str(f) for f in files], load, collate, [])

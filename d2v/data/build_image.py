@@ -9,13 +9,17 @@ from pathlib import Path
 
 import torch
 
-from d2v.data.common import ProbeTask, WithMaskInfo, has_split, user_path
+from d2v.data.common import EmbedSource, ProbeTask, WithMaskInfo, has_split, user_path
 from d2v.data.embedded import DIGITS32_MEAN, DIGITS32_STD, prepare_digits
+from d2v.data.files import walk_files
 from d2v.data.images import (
+    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageFolderDataset,
+    _is_image,
     collate_images,
+    eval_image,
     make_inverse_block_mask_fn,
 )
 from d2v.data.sampler import build_loader
@@ -75,3 +79,18 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
     mask = inverse_block_mask(B * M, m.grid, m.grid, mask_prob=mk.mask_prob, mask_length=mk.mask_length,
                               adjust=mk.mask_prob_adjust, generator=g)
     return {"x": src, "mask": mask}, m.grid * m.grid, 1.0
+
+
+def embed_source(cfg, path: Path, run_dir: Path | None = None) -> EmbedSource:
+    """Every image file under `path` (or the file itself), in the probe's eval view: the center square
+    at model.image_size, normalized as the run was (data.mean / data.std)."""
+    files = [path] if path.is_file() else walk_files(path, _is_image)
+    if not files:
+        raise ValueError(f"--data {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    mean, std = normalization(cfg)
+    S = cfg.model.image_size
+
+    def collate(xs: list) -> tuple:
+        return torch.stack(xs), None  # (B, C, S, S)
+
+    return EmbedSource([str(f) for f in files], lambda i: eval_image(files[i], S, mean, std), collate, [])

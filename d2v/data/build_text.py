@@ -10,16 +10,20 @@ from pathlib import Path
 
 import torch
 
-from d2v.data.common import ProbeTask, WithMaskInfo, has_split, user_path
+from d2v.data.common import EmbedSource, ProbeTask, WithMaskInfo, has_split, pad_right, user_path
 from d2v.data.embedded_text import prepare_fortunes
 from d2v.data.sampler import build_loader
 from d2v.data.text import (
+    BOS_ID,
+    PAD_ID,
     TextBlockDataset,
     TextLineDataset,
     TextMaskFn,
     WordOrderDataset,
     collate_text,
     collate_text_eval,
+    encode_text,
+    read_text_file,
     resolve_tokenizer,
     scan_text_source,
 )
@@ -101,3 +105,31 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
     src = torch.randint(4, m.vocab_size, (B, T), generator=g)
     src[:, 0] = 0  # <s>
     return {"x": src, "mask": random_mask(B * M, T, mask_prob=mk.mask_prob, generator=g)}, T, float(T)
+
+
+def embed_source(cfg, path: Path, run_dir: Path | None = None, tokenizer=None) -> EmbedSource:
+    """One item per non-empty line of the text file `path` (or of every text file under it), named
+    "file:line", encoded as the probe does: <s> + the run's tokens, cut at model.max_positions."""
+    tok = tokenizer or text_tokenizer(cfg, Path(run_dir or cfg.train.out_dir), probe=True)
+    files = [(path, None)] if path.is_file() else scan_text_source(path)
+    names, ids, skipped = [], [], []
+    for f, _ in files:
+        try:
+            text = read_text_file(f)
+        except (ValueError, OSError) as e:
+            skipped.append((str(f), str(e)))
+            continue
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                names.append(f"{f}:{n}")
+                ids.append(encode_text(tok, line.strip())[: cfg.model.max_positions - 1])
+    if not names:
+        raise ValueError(f"--data {path}: no non-empty lines of text")
+
+    def load(i: int) -> torch.Tensor:
+        return torch.cat([torch.tensor([BOS_ID]), torch.from_numpy(ids[i]).long()])  # (T,)
+
+    def collate(xs: list) -> tuple:
+        return pad_right(xs, PAD_ID, torch.int64)  # (B, Tmax), padding mask (B, Tmax)
+
+    return EmbedSource(names, load, collate, skipped)

@@ -307,3 +307,17 @@ class ProbeTask:
     test: Dataset | None
     collate: Callable[[list], dict[str, Any]]
     source_key: str
+
+
+@dataclass
+class EmbedSource:
+    """The inputs of `d2v embed`: one item per name (a file; text: a line of a file).
+
+    `load(i)` -> the model input of item i as a tensor (an image (C, S, S), a waveform (L,), token ids
+    (T,)), raising for an unusable file (the item is then skipped and named); `collate(tensors)` ->
+    (source (B, ...), padding_mask (B, L) True = padding, or None)."""
+
+    names: list[str]
+    load: Callable[[int], torch.Tensor]
+    collate: Callable[[list], tuple]
+    skipped: list[tuple[str, str]]  # (name, reason) of files refused before loading

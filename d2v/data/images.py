@@ -147,6 +147,31 @@ def _decode_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def center_square(img: Image.Image, size: int) -> Image.Image:
+    """The eval view: resize the shorter side to `size`, then center-crop size x size (done as one
+    bicubic resampling of the centered min(W, H) square: same geometry)."""
+    W, H = img.size
+    side = min(W, H)
+    left, top = (W - side) / 2.0, (H - side) / 2.0
+    return img.resize((size, size), resample=Image.Resampling.BICUBIC,
+                      box=(left, top, left + side, top + side))
+
+
+def to_normalized_tensor(img: Image.Image, mean_311: torch.Tensor, std_311: torch.Tensor) -> torch.Tensor:
+    """PIL RGB (S, S) -> float32 (3, S, S), (x / 255 - mean) / std."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3) in [0, 1]
+    x = torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S)
+    return ((x - mean_311) / std_311).contiguous()
+
+
+def eval_image(path: Path, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Decode `path` and give its eval view, normalized -> float32 (3, size, size) (the probe's and
+    `d2v embed`'s input); raises on an undecodable file."""
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return to_normalized_tensor(center_square(_decode_rgb(path), size), m, s)
+
+
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
 
@@ -285,15 +310,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if self.hflip and _uniform(g, 0.0, 1.0) < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
-            # resize shorter side to S then center crop S x S == resize the centered
-            # min(W, H) square straight to S x S (one resampling, same geometry)
-            side = min(W, H)
-            left, top = (W - side) / 2.0, (H - side) / 2.0
-            img = img.resize((S, S), resample=Image.Resampling.BICUBIC,
-                             box=(left, top, left + side, top + side))
-        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3) in [0, 1]
-        x = torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S)
-        return ((x - self.mean) / self.std).contiguous()
+            img = center_square(img, S)
+        return to_normalized_tensor(img, self.mean, self.std)
 
     def _decode(self, j: int) -> Image.Image:
         """Entry j decoded as RGB; DecodeFailed for truncated / corrupt pixel data behind a valid header."""
