@@ -3,7 +3,7 @@
   d2v pretrain --config tiny_image [key=value ...] [--resume [DIR]] [--no-probe] [--quiet]
   d2v probe --checkpoint RUN_OR_CHECKPOINT_DIR [--pool mean|cls] [--shots N]
   d2v export --checkpoint RUN_OR_CHECKPOINT_DIR --out FILE.pt [--format d2v|fairseq|hf]
-  d2v import --from fairseq CHECKPOINT.pt --out RUN_DIR [--dict dict.txt] [--tokenizer tokenizer.json]
+  d2v import --from fairseq CHECKPOINT.pt --out RUN_DIR [--dict dict.txt] [--tokenizer FILE | --gpt2-bpe DIR]
   d2v embed --checkpoint RUN_OR_FAIRSEQ.pt --data PATH --out FEATURES.npz [--pool mean|cls|none]
   d2v config --config tiny_image [key=value ...]      (prints the resolved config)
   d2v --version
@@ -131,7 +131,8 @@ def _export(args) -> int:
 def _import(args) -> int:
     from d2v.interop.fairseq import import_fairseq
 
-    res = import_fairseq(args.checkpoint, args.out, dict_path=args.dict, tokenizer=args.tokenizer)
+    res = import_fairseq(args.checkpoint, args.out, dict_path=args.dict, tokenizer=args.tokenizer,
+                         gpt2_bpe=args.gpt2_bpe)
     c = res.config.model
     print(f"imported {args.checkpoint} -> {res.run_dir}\n  {c.modality}: D {c.embed_dim}, {c.depth} blocks "
           f"(+{c.prenet_depth} prenet), {c.num_heads} heads | step {res.step} | teacher: "
@@ -231,6 +232,8 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
                     "dict.txt beside the checkpoint or in its task's data folder)")
     im.add_argument("--tokenizer", default=None, help="text: a tokenizers JSON file whose ids are the "
                     "dictionary's (e.g. roberta-base's tokenizer.json for Meta's text models)")
+    im.add_argument("--gpt2-bpe", default=None, metavar="DIR", help="text: a folder with GPT-2's "
+                    "encoder.json and vocab.bpe; the run's tokenizer is that BPE re-indexed by --dict")
     im.set_defaults(fn=_import)
     em = argparse.ArgumentParser(prog="d2v embed", description="features of every input under a folder (or "
                                  "file) from a pretrained encoder, written to one .npz/.pt file")

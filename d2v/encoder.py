@@ -82,31 +82,30 @@ def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch
     from d2v.model import build_model
 
     p = Path(path).expanduser()
+    tok = None
     if _is_fairseq_file(p):
         from d2v.interop.fairseq import convert_fairseq
 
         conv = convert_fairseq(p, tokenizer=tokenizer)
-        cfg, student, teacher_sd = conv.config, conv.student, conv.teacher
+        cfg, student, teacher_sd, tok = conv.config, conv.student, conv.teacher, conv.tokenizer
     else:
         from d2v.weights import load_weights
 
         state, cfg_dict, _ = load_weights(p)
         cfg, student, teacher_sd = Config.from_dict(cfg_dict), state["model"], state["teacher"]
+        if cfg.model.modality == "text":
+            from d2v.data.text import load_tokenizer
+
+            for cand in [tokenizer or cfg.data.tokenizer, _run_folder(p) / "tokenizer.json"]:
+                if cand is not None and Path(cand).expanduser().is_file():
+                    tok = load_tokenizer(cand)
+                    break
     model = build_model(cfg)
     model.load_state_dict(student)
     if teacher:
         missing, unexpected = model.load_state_dict(teacher_sd, strict=False)
         if unexpected:
             raise RuntimeError(f"{p}: teacher keys not in the model: {unexpected[:5]}")
-    tok = None
-    if cfg.model.modality == "text":
-        from d2v.data.text import load_tokenizer
-
-        run_tok = None if _is_fairseq_file(p) else _run_folder(p) / "tokenizer.json"
-        for cand in [tokenizer or cfg.data.tokenizer, run_tok]:
-            if cand is not None and Path(cand).expanduser().is_file():
-                tok = load_tokenizer(cand)
-                break
     enc = Encoder(model, cfg, tok, source=str(p))
     return enc.to(device) if device is not None else enc
 

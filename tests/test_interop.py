@@ -71,7 +71,10 @@ def test_export_then_import_is_bit_identical(tmp_path, modality):
     state, saved_cfg, _ = load_weights(tmp_path / "imported")
     assert_same(state["model"], sd)
     assert_same(state["teacher"], td)
-    assert state["step"] == res.step == 7 and res.has_teacher and res.notes == []
+    assert state["step"] == res.step == 7 and res.has_teacher
+    assert res.notes == ([] if modality != "text" else [  # no --tokenizer / --gpt2-bpe given
+        "no tokenizer: give --tokenizer or --gpt2-bpe (with the dictionary) to probe, embed or continue "
+        "pretraining this text model"])
     flavorless = {k: v for k, v in cfg.to_dict()["model"].items() if k != "flavor"}  # a preset's name
     assert {k: v for k, v in saved_cfg["model"].items() if k != "flavor"} == flavorless
     for sec in ("masking", "objective", "ema"):
@@ -329,3 +332,45 @@ def test_embed_writes_features_and_names_skipped_files(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no CLS token"):
         embed(tmp_path / "aud", wavs, tmp_path / "b.npz", pool="cls", progress=False)
+
+
+def _mini_gpt2(folder: Path) -> dict:
+    """GPT-2-format BPE files (encoder.json, vocab.bpe) over the 256 byte symbols plus three merges."""
+    import json
+
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("h", "e"), ("Ġ", "t"), ("Ġt", "he")]
+    enc = {c: i for i, c in enumerate(alphabet)}
+    for a, b in merges:
+        enc[a + b] = len(enc)
+    folder.mkdir()
+    (folder / "encoder.json").write_text(json.dumps(enc))
+    (folder / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return enc
+
+
+def test_text_import_with_dictionary_and_gpt2_bpe_then_embed(tmp_path):
+    from d2v.embed import embed
+
+    enc = _mini_gpt2(tmp_path / "gpt2")
+    perturbed_run("text", tmp_path / "run")  # vocab 64 = 4 specials + 59 symbols + <mask>
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    wanted = ["Ġthe", "t", "he", "Ġ", "Ġt", "a", "b", "c", "."] + [c for c in "defghijklmnopqrsuvwxyz"]
+    wanted += [c for c in sorted(enc) if c not in wanted][: 59 - len(wanted)]
+    (tmp_path / "dict.txt").write_text("".join(f"{enc[t]} {1000 - i}\n" for i, t in enumerate(wanted)))
+    res = import_fairseq(f, tmp_path / "imp", dict_path=tmp_path / "dict.txt", gpt2_bpe=tmp_path / "gpt2")
+    assert (tmp_path / "imp" / "dict.txt").is_file() and (tmp_path / "imp" / "tokenizer.json").is_file()
+    assert res.config.data.tokenizer == str((tmp_path / "imp" / "tokenizer.json").resolve())
+    tok = d2v.load_encoder(tmp_path / "imp").tokenizer
+    ids = tok.encode("the the").ids
+    assert ids == [4 + wanted.index(t) for t in ("t", "he", "Ġthe")]  # fairseq's indices, 4 + dict line
+    assert tok.decode(ids) == "the the" and tok.token_to_id("<mask>") == 63
+    (tmp_path / "lines.txt").write_text("the cab\n\nbad face.\n")
+    out = embed(tmp_path / "imp", tmp_path / "lines.txt", tmp_path / "e.npz", progress=False)
+    assert out["items"] == 2
+    bad = tmp_path / "short_dict.txt"
+    bad.write_text("".join(f"{enc[t]} 1\n" for t in wanted[:10]))
+    with pytest.raises(FairseqImportError, match="do not fit the checkpoint's embedding of 64 rows"):
+        import_fairseq(f, tmp_path / "imp2", dict_path=bad)

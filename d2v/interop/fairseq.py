@@ -99,20 +99,24 @@ def _teacher_template(model) -> dict:
 
 
 def import_fairseq(ckpt: str | Path, out_dir: str | Path, *, dict_path: str | Path | None = None,
-                   tokenizer: str | Path | None = None) -> ImportResult:
+                   tokenizer: str | Path | None = None, gpt2_bpe: str | Path | None = None) -> ImportResult:
     """Write the d2v run folder `out_dir` from fairseq checkpoint `ckpt` (never into an existing run).
 
     Text: `dict_path` is the fairseq dictionary (dict.txt) the token ids index (found beside the
     checkpoint when not given) and `tokenizer` a tokenizers JSON file whose ids are those indices;
-    both are copied into the run folder."""
+    both are copied into the run folder. Or `gpt2_bpe`, a folder with GPT-2's encoder.json and
+    vocab.bpe: the run's tokenizer is then that BPE re-indexed by the dictionary
+    (d2v.interop.fairseq_text)."""
     out = Path(out_dir).expanduser()
     if checkpoint_root(out).exists() and any(checkpoint_root(out).iterdir()):
         raise FileExistsError(f"--out {out} already holds a run (checkpoints/): import into a new folder "
                               f"(nothing was overwritten)")
-    conv = convert_fairseq(ckpt, out, dict_path=dict_path, tokenizer=tokenizer)
+    conv = convert_fairseq(ckpt, out, dict_path=dict_path, tokenizer=tokenizer, gpt2_bpe=gpt2_bpe)
     out.mkdir(parents=True, exist_ok=True)
-    for name, src in conv.text_files.items():
-        shutil.copyfile(src, out / {"dict": "dict.txt", "tokenizer": "tokenizer.json"}[name])
+    if "dict" in conv.text_files:
+        shutil.copyfile(conv.text_files["dict"], out / "dict.txt")
+    if conv.tokenizer is not None:
+        conv.tokenizer.save(str(out / "tokenizer.json"))
     record = {"from": str(Path(ckpt).resolve()), "format": "fairseq", "notes": conv.notes}
     ck = save_checkpoint(out, conv.step, {"engine": WEIGHTS_ONLY, "step": conv.step, "skipped_steps": 0,
                                           "model": conv.student, "teacher": conv.teacher, "imported": record},
@@ -130,10 +134,11 @@ class Converted:
     has_teacher: bool
     notes: list[str]
     text_files: dict
+    tokenizer: object = None  # text: a tokenizers.Tokenizer whose ids index the embedding
 
 
 def convert_fairseq(ckpt: str | Path, out_dir: str | Path | None = None, *, dict_path=None,
-                    tokenizer=None) -> Converted:
+                    tokenizer=None, gpt2_bpe=None) -> Converted:
     """A fairseq checkpoint file -> d2v config and student/teacher state dicts, in memory (import_fairseq
     writes them as a run folder `out_dir`; d2v.load_encoder reads a checkpoint file this way)."""
     from d2v.model import build_model
@@ -149,9 +154,9 @@ def convert_fairseq(ckpt: str | Path, out_dir: str | Path | None = None, *, dict
         cfg.train.out_dir = str(Path(out_dir).expanduser())
     m, H = cfg.model.modality, cfg.model.num_heads
     text_files = _text_files(ckpt, state["cfg"], m, vocab, dict_path, tokenizer) if m == "text" else {}
-    if "tokenizer" in text_files:
-        cfg.data.tokenizer = str((Path(out_dir) / "tokenizer.json").resolve()) if out_dir is not None \
-            else str(Path(text_files["tokenizer"]).resolve())
+    tok = _text_tokenizer(text_files, gpt2_bpe, vocab) if m == "text" else None
+    if tok is not None and out_dir is not None:
+        cfg.data.tokenizer = str((Path(out_dir).expanduser() / "tokenizer.json").resolve())
     cfg.validate()
 
     torch.manual_seed(cfg.train.seed)
@@ -167,7 +172,29 @@ def convert_fairseq(ckpt: str | Path, out_dir: str | Path | None = None, *, dict
                          "student")
     except KeyMappingError as e:
         raise FairseqImportError(str(e)) from None
-    return Converted(cfg, student, teacher, _step_of(state), teacher_ref is not None, notes, text_files)
+    if m == "text" and tok is None:
+        notes.append("no tokenizer: give --tokenizer or --gpt2-bpe (with the dictionary) to probe, embed or "
+                     "continue pretraining this text model")
+    return Converted(cfg, student, teacher, _step_of(state), teacher_ref is not None, notes, text_files, tok)
+
+
+def _text_tokenizer(text_files: dict, gpt2_bpe, vocab: int | None):
+    """The run's tokenizer: --tokenizer as given, or GPT-2's BPE re-indexed by the dictionary."""
+    from d2v.data.text import load_tokenizer
+
+    if "tokenizer" in text_files:
+        return load_tokenizer(text_files["tokenizer"])
+    if gpt2_bpe is None:
+        return None
+    if "dict" not in text_files:
+        raise FairseqImportError("--gpt2-bpe needs the checkpoint's dictionary: give --dict dict.txt")
+    from d2v.interop.fairseq_text import fairseq_bpe_tokenizer
+
+    d = Path(gpt2_bpe).expanduser()
+    for name in ("encoder.json", "vocab.bpe"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"--gpt2-bpe {d}: no {name} there (GPT-2's BPE files)")
+    return fairseq_bpe_tokenizer(text_files["dict"], d / "encoder.json", d / "vocab.bpe", vocab)
 
 
 def _text_files(ckpt, ckpt_cfg: dict, modality: str, vocab: int | None, dict_path, tokenizer) -> dict:
