@@ -10,6 +10,10 @@ regression (d2v.objective). Model code knows nothing of optimizers, logging or c
 Legend: B samples, M clones, R = B*M rows, T tokens, K kept, N = T - K masked per row,
 E extra (CLS) tokens, D width.
 
+Module names follow the reference's (fairseq data2vec_multi) where its layout allows; the full key
+table between the two, per modality and for the teacher, is d2v.interop.fairseq_keys (`d2v import` /
+`d2v export --format fairseq` use it).
+
 References: fairseq examples/data2vec/models/data2vec2.py (forward, d2v_loss).
 """
 from __future__ import annotations
@@ -23,15 +27,6 @@ from d2v.config import ModelConfig, ObjectiveConfig
 from d2v.masking import MaskInfo
 from d2v.modalities import build_modality_encoder
 from d2v.objective import data2vec_loss
-
-
-def reference_key_prefixes(modality: str = "image") -> dict[str, str]:
-    """Our module prefix -> the reference checkpoint's (fairseq data2vec_multi) prefix; the remaining
-    key suffixes of the blocks are identical (blocks.{i}.{attn.qkv,attn.proj,norm1,mlp.fc1,mlp.fc2,norm2})."""
-    return {"modality_encoder.": f"modality_encoders.{modality.upper()}.", "blocks.": "blocks."}
-
-
-REFERENCE_KEY_PREFIXES = reference_key_prefixes("image")
 
 
 def _bert_init(m: nn.Module) -> None:

@@ -4,8 +4,8 @@ and the Conv2d decoder.
 Legend: B images, M clones, R = B*M rows, T = grid*grid patches, K kept patches, E extra (CLS)
 tokens, D width.
 
-Module names follow the reference checkpoint (modality_encoders.IMAGE.*), so that key mapping for
-import/export is a prefix table (see d2v.model.REFERENCE_KEY_PREFIXES).
+Module names follow the reference checkpoint (modality_encoders.IMAGE.*): every key maps by its
+prefix (d2v.interop.fairseq_keys); the sin-cos table is a buffer here, a frozen parameter there.
 
 References: fairseq examples/data2vec/models/modalities/images.py, modules.py (Decoder2d),
 models/mae.py (get_2d_sincos_pos_embed).
