@@ -85,10 +85,19 @@ def test_export_then_import_is_bit_identical(tmp_path, modality):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_export_layout_is_the_references(tmp_path, modality):
     """Keys in the reference's layout: the teacher nested under _ema, every student key mapped by the
-    table (audio index shifts, ALiBi scale (1, 1, H, 1, 1); text teacher without `blocks.`)."""
-    cfg, sd, td = perturbed_run(modality, tmp_path / "run")
+    table (audio index shifts, ALiBi scale (1, 1, H, 1, 1); text teacher without `blocks.`; the text
+    prenet's input LayerNorm, which the reference builds whenever there is a prenet); "all blocks"
+    (average_top_k_layers null) written as the number the reference needs."""
+    cfg, sd, td = perturbed_run(modality, tmp_path / "run", depth=3)
+    assert cfg.objective.average_top_k_layers == 2
+    cfg.objective.average_top_k_layers = None
+    from d2v.interop.fairseq_config import config_to_fairseq
+
+    assert config_to_fairseq(cfg)["model"]["average_top_k_layers"] == 3
     f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
     ck = torch.load(f, weights_only=False)
+    if modality == "text":
+        assert "modality_encoders.TEXT.context_encoder.norm.weight" in ck["model"]
     assert ck["cfg"]["model"]["_name"] == "data2vec_multi"
     assert ck["cfg"]["model"]["supported_modality"] == modality.upper()
     assert ck["optimizer_history"][-1]["num_updates"] == 7
@@ -239,7 +248,7 @@ def test_hf_export_matches_the_encoder(tmp_path):
 
     from d2v.interop.hf import export_hf
 
-    cfg, sd, _ = perturbed_run("text", tmp_path / "run", prenet_depth=1)
+    cfg, sd, _ = perturbed_run("text", tmp_path / "run", prenet_depth=0)
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate("abcdefgh ")}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
@@ -260,6 +269,9 @@ def test_hf_export_matches_the_encoder(tmp_path):
     with pytest.raises(ValueError, match="exports text models"):
         perturbed_run("image", tmp_path / "img")
         export_hf(tmp_path / "img", tmp_path / "hf_img")
+    perturbed_run("text", tmp_path / "prenet")  # prenet_depth 1: a second LayerNorm RoBERTa lacks
+    with pytest.raises(ValueError, match="needs model.prenet_depth 0"):
+        export_hf(tmp_path / "prenet", tmp_path / "hf_prenet")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

@@ -34,10 +34,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def imported(modality: str, tmp_path: Path):
-    """The fixture checkpoint through the importer -> (model in train mode, teacher, config)."""
-    kw = {"dict_path": FIX / "reference_text_dict.txt"} if modality == "text" else {}
-    import_fairseq(FIX / f"reference_{modality}_checkpoint.pt", tmp_path / "run", **kw)
+def imported(name: str, tmp_path: Path):
+    """Fixture `name`'s checkpoint through the importer -> (model in train mode, teacher, config)."""
+    kw = {"dict_path": FIX / "reference_text_dict.txt"} if name.startswith("text") else {}
+    import_fairseq(FIX / f"reference_{name}_checkpoint.pt", tmp_path / "run", **kw)
     state, cfg_dict, _ = load_weights(tmp_path / "run")
     cfg = Config.from_dict(cfg_dict)
     model = build_model(cfg)
@@ -47,10 +47,13 @@ def imported(modality: str, tmp_path: Path):
     return model, EMATeacher(model, e.ema_start, e.ema_end, e.anneal_end_step, init=state["teacher"]), cfg
 
 
-@pytest.mark.parametrize("modality", ["image", "audio", "text"])
-def test_d2v_computes_what_the_reference_computed(tmp_path, modality):
-    io = torch.load(FIX / f"reference_{modality}_io.pt", weights_only=False)
-    model, teacher, cfg = imported(modality, tmp_path)
+# text_prenet: one prenet block, with the input LayerNorm the reference puts before it
+@pytest.mark.parametrize("name", ["image", "audio", "text", "text_prenet"])
+def test_d2v_computes_what_the_reference_computed(tmp_path, name):
+    io = torch.load(FIX / f"reference_{name}_io.pt", weights_only=False)
+    model, teacher, cfg = imported(name, tmp_path)
+    modality = cfg.model.modality
+    assert cfg.model.prenet_depth == (1 if name in ("image", "text_prenet") else 0)
     assert cfg.objective.decoder_noise_std == 0.0  # the fixture's mask_noise_std: no RNG to match
     source, mask = io["source"], make_maskinfo(io["mask"])
     # the reference keeps the same tokens (its order differs: an unstable argsort)
@@ -102,11 +105,12 @@ def test_fixture_checkpoints_round_trip_through_export(tmp_path):
     from d2v.interop.fairseq import export_fairseq
     from d2v.interop.fairseq_keys import split_ema
 
-    for m in ("image", "audio", "text"):
+    for name in ("image", "audio", "text", "text_prenet"):
+        m = name.split("_")[0]
         kw = {"dict_path": FIX / "reference_text_dict.txt"} if m == "text" else {}
-        import_fairseq(FIX / f"reference_{m}_checkpoint.pt", tmp_path / m, **kw)
-        out, _ = export_fairseq(tmp_path / m, tmp_path / f"{m}.pt")
-        ref = torch.load(FIX / f"reference_{m}_checkpoint.pt", weights_only=False)
+        import_fairseq(FIX / f"reference_{name}_checkpoint.pt", tmp_path / name, **kw)
+        out, _ = export_fairseq(tmp_path / name, tmp_path / f"{name}.pt")
+        ref = torch.load(FIX / f"reference_{name}_checkpoint.pt", weights_only=False)
         back = torch.load(out, weights_only=False)
         (rs, rt), (bs, bt) = split_ema(ref["model"]), split_ema(back["model"])
         assert set(rs) == set(bs) and set(rt) == set(bt), m

@@ -19,8 +19,10 @@ CI never runs this script: it needs the reference (fairseq) and its dependencies
 does not install. CI only reads the files it wrote (plain dicts of tensors; no fairseq or omegaconf
 needed to load them).
 
-Files written to --out (default tests/fixtures), per modality m in image, audio, text
--------------------------------------------------------------------------------------
+Files written to --out (default tests/fixtures), per fixture m in image, audio, text, text_prenet
+-----------------------------------------------------------------------------------------------
+(text_prenet: the text model with one prenet block, whose input LayerNorm the released text config,
+without a prenet, does not have)
 reference_{m}_checkpoint.pt
     A dict shaped like the file fairseq's `checkpoint_utils.save_checkpoint` writes (trainer.state_dict()
     plus extra_state): "args" (None), "cfg" (the whole run config as a plain dict, as
@@ -87,6 +89,44 @@ At import time the `torchvision::nms` and `torchvision::qnms` op schemas are def
 imports torchvision, whose compiled ops do not load beside the CPU torch; no torchvision op is called.
 
 The run is deterministic (fixed seeds, one thread): running it twice writes identical files.
+
+Checking `d2v export --format fairseq` output against the reference (--check-export)
+-------------------------------------------------------------------------------------
+    d2v export --checkpoint RUN_DIR --format fairseq --out /tmp/exports/image.pt   # project venv
+    ref_venv/bin/python tools/make_reference_fixtures.py --check-export /tmp/exports/*.pt
+
+With --check-export no fixtures are written: each FILE (a fairseq-layout checkpoint: "cfg" with "model",
+"task", "common", "optimization", "optimizer", "lr_scheduler" sections; "model", the student's state dict
+with the EMA teacher under "_ema"; "optimizer_history"[-1]["num_updates"]) is loaded into the reference
+the way fairseq loads a checkpoint, one file at a time, and must pass every step:
+  1. config: cfg is made an OmegaConf config as `checkpoint_utils.load_checkpoint_to_cpu` does, and
+     cfg["model"] is merged into `OmegaConf.structured(Data2VecMultiConfig)` *strictly*: a field name the
+     dataclass lacks, or a value it rejects (null for an int, a bad enum), is an error naming the field
+     (fairseq itself would drop an unknown name silently). The merged config is parented to the file's
+     cfg, as fairseq's `merge_with_parent` does, so that ${optimization.max_update}, ${common.seed},
+     ${model.num_heads}, ${model.depth} resolve from the file's own sections; every value of the model
+     section and of its modality must then resolve. `_name` must be "data2vec_multi" and
+     `supported_modality` must name a modality that `modalities` holds (d2v writes only that one; the
+     reference's own checkpoints hold all three, and the reference builds only supported_modality's).
+  2. model: built through fairseq's model registry (`fairseq.models.build_model`, what
+     `task.build_model(cfg.model)` calls), for that one modality. Text gets a `MaskedLMTask` whose
+     Dictionary has exactly as many symbols as the checkpoint's embedding rows
+     (modality_encoders.TEXT.local_encoder.embed_tokens.weight: 4 specials + n symbols + "<mask>" last).
+  3. weights: `model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)`, as
+     `checkpoint_utils.load_model_ensemble_and_task` does. The reference's `_load_from_state_dict` hands
+     "_ema" to `EMAModule.restore`, which loads the teacher with strict=False, so the teacher's keys and
+     shapes are compared separately (missing/unexpected/mismatched names are errors), and after loading
+     both the teacher module and its fp32 copy (`ema.fp32_params`, what the reference saves) must equal
+     the file's "_ema" tensors, and the student the file's. The step counter is then set with
+     `model.set_num_updates(num_updates)` as fairseq's trainer does on resume (in eval mode, so that it
+     never takes an EMA step).
+  4. one train-mode forward through fairseq's `ModelCriterion` (no backward) on a small random input:
+     image (1, in_chans, input_size, input_size), audio (1, 16000), text (1, 10) ids in [4, <mask>);
+     the loss must be finite.
+It prints one line per file, "PASS FILE: ..." or "FAIL FILE: <every error, naming the field or key>",
+with details indented below it (where interpolated fields came from, full key lists), and exits 1 if
+any file fails. A FAIL caused by the export is for d2v's exporter (or model) to fix, not this script.
+The reference's own checkpoints (the reference_{m}_checkpoint.pt this script writes) pass this check.
 """
 from __future__ import annotations
 
@@ -193,10 +233,12 @@ def import_reference(tree: Path):
 
     from examples.data2vec.models import data2vec2
     from examples.data2vec.tasks.mae_image_pretraining import MaeImagePretrainingConfig
+    from fairseq import models as fairseq_models
     from fairseq import utils as fairseq_utils
     from fairseq.criterions.model_criterion import ModelCriterion
     from fairseq.data import Dictionary
     from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.dataclass.utils import merge_with_parent
     from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
     from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
     from omegaconf import OmegaConf
@@ -204,6 +246,7 @@ def import_reference(tree: Path):
     ns = argparse.Namespace(
         OmegaConf=OmegaConf, data2vec2=data2vec2, ModelCriterion=ModelCriterion, Dictionary=Dictionary,
         FairseqConfig=FairseqConfig, MaskedLMTask=MaskedLMTask, fairseq_utils=fairseq_utils,
+        fairseq_models=fairseq_models, merge_with_parent=merge_with_parent,
         task_configs={"image": MaeImagePretrainingConfig, "audio": AudioPretrainingConfig,
                       "text": MaskedLMConfig},
     )
@@ -240,8 +283,9 @@ TINY_PER_MODALITY = {
 }
 
 
-def build_run_config(ref, tree: Path, modality: str):
-    """The whole run config, as fairseq composes it: FairseqConfig + the recipe yaml + the tiny overrides."""
+def build_run_config(ref, tree: Path, modality: str, variant: dict | None = None):
+    """The whole run config, as fairseq composes it: FairseqConfig + the recipe yaml + the tiny overrides
+    (+ `variant`, more modality fields)."""
     OmegaConf = ref.OmegaConf
     recipes = tree / "fairseq" / "examples" / "data2vec" / "config" / "v2"
     recipe = OmegaConf.load(recipes / RECIPE_FILE[modality])
@@ -270,6 +314,7 @@ def build_run_config(ref, tree: Path, modality: str):
     mod = dict(mods[modality])
     mod.update(TINY_MODALITY)
     mod.update(TINY_PER_MODALITY[modality])
+    mod.update(variant or {})
     mod["decoder"] = {**mods[modality].get("decoder", {}), **TINY_DECODER}
     model["modalities"] = {modality: mod}
     root = OmegaConf.merge(root, {"model": model})
@@ -489,10 +534,12 @@ def make_audio(ref, tree, out_dir: Path):
     return root, model, io
 
 
-def make_text(ref, tree, out_dir: Path):
+def make_text(ref, tree, out_dir: Path, prenet_depth: int = 0):
+    """The text fixture; with `prenet_depth` > 0 (variant text_prenet) the reference adds an input
+    LayerNorm before the prenet blocks (none in the released config, which has no prenet)."""
     import torch
 
-    root = build_run_config(ref, tree, "text")
+    root = build_run_config(ref, tree, "text", {"prenet_depth": prenet_depth})
     dictionary = make_text_dictionary(ref, out_dir)
     task = ref.MaskedLMTask(root.task, dictionary=dictionary)  # adds "<mask>" as the last symbol
     g = torch.Generator().manual_seed(301)
@@ -509,6 +556,10 @@ def make_text(ref, tree, out_dir: Path):
         "embedding LayerNorm output.")
     return root, model, io
 
+
+# fixture name -> maker; text_prenet: the text model with one prenet block (and its input LayerNorm)
+MAKERS = {"image": make_image, "audio": make_audio, "text": make_text,
+          "text_prenet": lambda ref, tree, out_dir: make_text(ref, tree, out_dir, prenet_depth=1)}
 
 NOTES = (
     "Captured from fairseq's own data2vec2.py (fairseq-fixed 0.12.3.1 sdist) on CPU fp32, model.train(), "
@@ -556,6 +607,345 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# --------------------------------------------------------------------------- checking `d2v export` output
+
+EXPORT_SECTIONS = ("model", "task", "common", "optimization", "optimizer", "lr_scheduler")
+EMBED_TOKENS = "modality_encoders.TEXT.local_encoder.embed_tokens.weight"
+# interpolated fields of Data2VecMultiConfig: where their value comes from when the model section omits them
+INTERPOLATED = {"ema_anneal_end_step": "optimization.max_update", "max_update": "optimization.max_update",
+                "seed": "common.seed"}
+
+
+class _Abort(Exception):
+    """The check cannot go on (what failed is already in the error list)."""
+
+
+def _names(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(getattr(e, "msg", None) or e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _where(e: BaseException) -> str:
+    """The source line that raised e (for an exception without a message, such as a bare assert)."""
+    import traceback
+
+    tb = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{tb.line} ({Path(tb.filename).name}:{tb.lineno})"
+
+
+def strict_model_config(ref, model_section: dict, errors: list):
+    """cfg["model"] merged into OmegaConf.structured(Data2VecMultiConfig) strictly: every field name the
+    dataclass does not have, and every value it rejects, is an error naming the field. (fairseq's own
+    checkpoint loading would drop unknown names silently: merge_with_parent(..., remove_missing=True).)
+    The offending entry is removed and the merge retried, so that all of them are reported at once."""
+    import copy
+
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    OmegaConf = ref.OmegaConf
+    data = copy.deepcopy(model_section)
+    for _ in range(10_000):
+        try:
+            return OmegaConf.merge(OmegaConf.structured(ref.data2vec2.Data2VecMultiConfig), data)
+        except OmegaConfBaseException as e:
+            key = str(getattr(e, "full_key", "") or "")
+            what = "unknown field" if isinstance(e, ConfigKeyError) else "value rejected"
+            errors.append(f"cfg.model.{key or '?'}: {what} ({_first_line(e)})")
+            parts = key.split(".")
+            node = data
+            try:
+                for part in parts[:-1]:
+                    node = node[part]
+                del node[parts[-1]]
+            except (KeyError, TypeError):
+                return None
+    return None
+
+
+def _config_read_errors(OmegaConf, node, prefix: str, errors: list, skip=()) -> None:
+    """Read every value (resolving interpolations such as ${optimization.max_update} against the file's
+    own sections): one that does not resolve, or a mandatory value (???) left unset, is an error."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for key in node.keys():
+        if key in skip:
+            continue
+        try:
+            value = node[key]
+        except OmegaConfBaseException as e:
+            errors.append(f"{prefix}{key}: {_first_line(e)}")
+            continue
+        if OmegaConf.is_dict(value):
+            _config_read_errors(OmegaConf, value, f"{prefix}{key}.", errors)
+
+
+def _check_export(ref, path: Path, errors: list, details: list) -> str:
+    """The steps of one --check-export file; returns the PASS summary. Errors go to `errors`."""
+    import numpy as np
+    import torch
+
+    OmegaConf = ref.OmegaConf
+    d2v = ref.data2vec2
+
+    # ---- the file, loaded as fairseq's load_checkpoint_to_cpu does (torch.load to CPU)
+    if not path.is_file():
+        errors.append("no such file")
+        raise _Abort
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a reason to fail: fairseq 0.12's torch loaded with weights_only=False
+        details.append(f"note: torch.load(weights_only=True) refused it ({_first_line(e)}); "
+                       "loaded with weights_only=False")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        errors.append(f"the file holds a {type(state).__name__}, not a dict")
+        raise _Abort
+    for key in ("cfg", "model", "optimizer_history"):
+        if key not in state:
+            errors.append(f'no top-level "{key}"')
+    if errors:
+        raise _Abort
+    cfg = state["cfg"]
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    if not isinstance(cfg, dict):
+        errors.append(f'"cfg" is a {type(cfg).__name__}, not a dict')
+        raise _Abort
+    for sec in EXPORT_SECTIONS:
+        if sec not in cfg:
+            errors.append(f'cfg has no "{sec}" section')
+        elif sec in ("model", "task") and not isinstance(cfg[sec], dict):  # the rest: any value
+            errors.append(f'cfg["{sec}"] is a {type(cfg[sec]).__name__}, not a dict')
+    if not isinstance(cfg.get("model"), dict):
+        raise _Abort
+    model_section = cfg["model"]
+
+    # ---- which model, which modality (the reference builds the encoder of supported_modality alone;
+    # without it, all three)
+    name = model_section.get("_name")
+    if ref.fairseq_models.MODEL_REGISTRY.get("data2vec_multi") is not d2v.Data2VecMultiModel:
+        raise RuntimeError("the reference did not register Data2VecMultiModel as data2vec_multi")
+    if name != "data2vec_multi":
+        errors.append(f'cfg.model._name is {name!r}: the reference registers Data2VecMultiModel as '
+                      f'"data2vec_multi"')
+        raise _Abort
+    mods = model_section.get("modalities")
+    mods = sorted(k for k in mods if k != "_name") if isinstance(mods, dict) else []
+    supported = model_section.get("supported_modality")
+    modality = str(supported).lower()
+    if supported is None:
+        errors.append("cfg.model.supported_modality is not set: the reference would build all three "
+                      "modality encoders")
+        raise _Abort
+    if modality not in mods:
+        errors.append(f"cfg.model.supported_modality is {supported!r} but cfg.model.modalities has no "
+                      f"{modality!r} (it has {mods})")
+        raise _Abort
+    if len(mods) > 1:  # the reference's own checkpoints hold all three (the dataclass's defaults)
+        details.append(f"note: cfg.model.modalities also holds {[m for m in mods if m != modality]} "
+                       "(not built: supported_modality is " + repr(supported) + ")")
+    mode = str(modality).upper()
+
+    # ---- the config: the file's cfg as fairseq loads it (OmegaConf.create), the model section merged
+    # into the reference's dataclass and parented to it, as fairseq's merge_with_parent does, so that
+    # ${optimization.max_update}, ${common.seed}, ${model.num_heads}, ${model.depth} resolve from the
+    # file's own sections
+    root = OmegaConf.create(cfg, flags={"allow_objects": True})
+    model_cfg = strict_model_config(ref, model_section, errors)
+    if model_cfg is None or any("value rejected" in e for e in errors):
+        raise _Abort  # a rejected value would leave the default in its place: the model would be wrong
+    model_cfg.__dict__["_parent"] = root
+    OmegaConf.set_struct(model_cfg, True)
+    read_errors = []
+    _config_read_errors(OmegaConf, model_cfg, "cfg.model.", read_errors, skip=("modalities",))
+    if str(modality) in model_cfg.modalities:
+        _config_read_errors(OmegaConf, model_cfg.modalities[str(modality)],
+                            f"cfg.model.modalities.{modality}.", read_errors)
+    errors.extend(read_errors)
+    if read_errors:
+        raise _Abort
+    for field, source in INTERPOLATED.items():
+        where = "the model section" if field in model_section else source
+        details.append(f"cfg.model.{field} = {model_cfg[field]} (from {where})")
+
+    # ---- the task: only text needs one (TextEncoder reads task.source_dictionary)
+    file_sd = state["model"]
+    if not isinstance(file_sd, dict):
+        errors.append(f'"model" is a {type(file_sd).__name__}, not a dict')
+        raise _Abort
+    task = None
+    rows = None
+    if mode == "TEXT":
+        if EMBED_TOKENS not in file_sd:
+            errors.append(f"no {EMBED_TOKENS}: the vocabulary size cannot be known")
+            raise _Abort
+        rows = int(file_sd[EMBED_TOKENS].shape[0])
+        if rows < 5:
+            errors.append(f"{EMBED_TOKENS} has {rows} rows: fewer than 4 specials + <mask>")
+            raise _Abort
+        dictionary = ref.Dictionary()  # <s>=0 <pad>=1 </s>=2 <unk>=3
+        for i in range(rows - 5):
+            dictionary.add_symbol(f"tok{i}")
+        task_cfg = ref.merge_with_parent(ref.task_configs["text"](), root.task, remove_missing=True)
+        task = ref.MaskedLMTask(task_cfg, dictionary=dictionary)  # appends <mask> last, as masked_lm does
+        assert len(task.source_dictionary) == rows and task.mask_idx == rows - 1
+        details.append(f"text vocabulary: {rows} = 4 specials + {rows - 5} symbols + <mask> (id {rows - 1})")
+
+    # ---- the model, built the way task.build_model(cfg.model) does
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = ref.fairseq_models.build_model(model_cfg, task)
+    assert isinstance(model, d2v.Data2VecMultiModel), type(model)
+    if model.ema is None:
+        errors.append("cfg.model.skip_ema is true: the reference builds no teacher and drops _ema")
+        raise _Abort
+
+    # ---- the keys, compared before loading (load_state_dict reports the student's; the teacher's
+    # are loaded by EMAModule.restore with strict=False, which would skip a wrong name silently)
+    expected = {k: v for k, v in model.state_dict().items() if k != "_ema"}
+    expected_t = model.ema.model.state_dict()
+    given = {k: v for k, v in file_sd.items() if k != "_ema"}
+    given_t = file_sd.get("_ema")
+    if not isinstance(given_t, dict):
+        errors.append('"model" has no "_ema" dict (the teacher\'s parameters)'
+                      if given_t is None else f'"model"["_ema"] is a {type(given_t).__name__}, not a dict')
+        given_t = {}
+
+    def compare(what: str, want: dict, got: dict) -> None:
+        missing, unexpected = set(want) - set(got), set(got) - set(want)
+        if missing:
+            errors.append(f"missing {what} keys: {_names(missing)}")
+            details.append(f"all missing {what} keys: {sorted(missing)}")
+        if unexpected:
+            errors.append(f"unexpected {what} keys: {_names(unexpected)}")
+            details.append(f"all unexpected {what} keys: {sorted(unexpected)}")
+        bad = []
+        for k in sorted(set(want) & set(got)):
+            if not isinstance(got[k], torch.Tensor):
+                bad.append(f"{k}: a {type(got[k]).__name__}, not a tensor")
+            elif tuple(got[k].shape) != tuple(want[k].shape):
+                bad.append(f"{k}: file {tuple(got[k].shape)} vs reference {tuple(want[k].shape)}")
+        if bad:
+            errors.append(f"{what} shape mismatches: " + "; ".join(bad[:4])
+                          + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
+            details.append(f"all {what} shape mismatches: {bad}")
+
+    compare("student", expected, given)
+    compare("teacher (_ema)", expected_t, given_t)
+
+    # ---- the load, as checkpoint_utils.load_model_ensemble_and_task does it
+    try:
+        model.load_state_dict(dict(file_sd), strict=True, model_cfg=model_cfg)
+    except Exception as e:
+        msg = " ".join(str(e).split()) or _where(e)
+        errors.append(f"load_state_dict(strict=True) raised {type(e).__name__}: "
+                      + (msg if len(msg) <= 400 else msg[:400] + " ..."))
+        raise _Abort from None
+
+    # ---- the step counter, as fairseq's trainer sets it on resume (in eval mode: the reference's
+    # set_num_updates would take an EMA step in train mode if num_updates were 1)
+    hist = state["optimizer_history"]
+    num_updates = hist[-1].get("num_updates") if isinstance(hist, list) and hist and \
+        isinstance(hist[-1], dict) else None
+    if not isinstance(num_updates, int):
+        errors.append(f"optimizer_history[-1]['num_updates'] is not an int: {num_updates!r}")
+    else:
+        model.eval()
+        model.set_num_updates(num_updates)
+        model.train()
+
+    # ---- what was loaded: the student, and the teacher (its module and its fp32 copy) from "_ema"
+    loaded = model.state_dict()
+    differ = [k for k in expected if k in given and not torch.equal(loaded[k], given[k].to(loaded[k].dtype))]
+    if differ:
+        errors.append(f"student tensors not equal to the file's after loading: {_names(differ)}")
+    fp32 = model.ema.fp32_params
+    teacher = model.ema.model.state_dict()
+    if set(fp32) != set(expected_t):
+        errors.append(f"the teacher's fp32 params have keys its module lacks: "
+                      f"{_names(set(fp32) ^ set(expected_t))}")
+    not_set = []
+    for k in sorted(set(expected_t) & set(given_t)):
+        want = given_t[k]
+        if not (torch.equal(fp32[k], want.float() if want.is_floating_point() else want)
+                and torch.equal(teacher[k], want.to(teacher[k].dtype))):
+            not_set.append(k)
+    if not_set:
+        errors.append(f"teacher tensors not set from _ema: {_names(not_set)}")
+    to_student = (lambda k: "blocks." + k) if model.cfg.ema_encoder_only else (lambda k: k)
+    same = 0
+    for k, v in given_t.items():
+        s = given.get(to_student(k))
+        same += isinstance(v, torch.Tensor) and isinstance(s, torch.Tensor) and v.shape == s.shape \
+            and torch.equal(v, s.to(v.dtype))
+    details.append(f"teacher: {len(given_t)} tensors from _ema ({same} equal to the student's); "
+                   f"ema_encoder_only={model.cfg.ema_encoder_only}")
+    if errors:
+        raise _Abort
+
+    # ---- one training forward through fairseq's ModelCriterion, on a small random input
+    torch.manual_seed(0)
+    np.random.seed(0)
+    mcfg = model_cfg.modalities[str(modality)]
+    if mode == "IMAGE":
+        source = torch.randn(1, mcfg.in_chans, mcfg.input_size, mcfg.input_size)
+    elif mode == "AUDIO":
+        source = torch.randn(1, 16000)
+    else:
+        source = torch.randint(4, max(5, rows - 1), (1, 10))  # no specials, no <mask>
+    criterion = ref.ModelCriterion(task, loss_weights={}, log_keys=[])
+    # id: masks from MaskSeed(cfg.seed, num_updates, id), reproducible (without it, audio's and text's
+    # compute_mask_indices draw from an unseeded numpy Generator)
+    sample = {"id": torch.arange(1), "net_input": {"source": source, "id": torch.arange(1)}}
+    model.train()
+    try:
+        with torch.no_grad():
+            loss, sample_size, _ = criterion(model, sample)
+    except Exception as e:
+        errors.append(f"train-mode forward on {tuple(source.shape)} raised {type(e).__name__}: "
+                      f"{_first_line(e)}")
+        raise _Abort from None
+    if not torch.isfinite(loss).all():
+        errors.append(f"train-mode forward gave a non-finite loss {float(loss)}")
+        raise _Abort
+    n_params = sum(p.numel() for p in model.parameters())
+    return (f"data2vec_multi {mode}, {len(given)} student + {len(given_t)} teacher tensors loaded "
+            f"(strict), teacher == _ema, num_updates={num_updates}, {n_params / 1e6:.2f}M student params; "
+            f"train forward {tuple(source.shape)}: loss {float(loss):.4f}, sample_size {int(sample_size)}")
+
+
+def check_exports(ref, paths) -> bool:
+    """--check-export: one PASS/FAIL line per file (details indented below it); True if all pass."""
+    import gc
+
+    ok = True
+    for p in paths:
+        path = Path(p)
+        errors, details = [], []
+        summary = ""
+        try:
+            summary = _check_export(ref, path, errors, details)
+        except _Abort:
+            pass
+        except Exception as e:  # a failure of the check itself: show where
+            errors.append(f"{type(e).__name__}: {_first_line(e)} (at {_where(e)})")
+        if errors:
+            ok = False
+            print(f"FAIL {path}: " + "; ".join(errors), flush=True)
+        else:
+            print(f"PASS {path}: {summary}", flush=True)
+        for d in details:
+            print(f"    {d}", flush=True)
+        gc.collect()
+    return ok
+
+
 LOAD_CHECK = r"""
 import sys, torch
 for mod in ("fairseq", "omegaconf", "hydra", "examples"):
@@ -576,9 +966,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures"), help="where the fixtures go")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/d2v-reference"),
                     help="where the reference sdist is downloaded and unpacked")
-    ap.add_argument("--modality", default="all", choices=["all", "image", "audio", "text"])
+    ap.add_argument("--modality", default="all", choices=["all", *MAKERS])
     ap.add_argument("--check-python", default=str(REPO / ".venv" / "bin" / "python"),
                     help="a python without fairseq that must load the files (skipped if missing)")
+    ap.add_argument("--check-export", nargs="+", metavar="FILE",
+                    help="instead of writing fixtures: load each fairseq-layout checkpoint written by "
+                         "`d2v export --format fairseq` into the reference, strictly (see the docstring); "
+                         "one PASS/FAIL line per file, exit status 1 if any fails")
     args = ap.parse_args()
 
     import numpy as np
@@ -586,21 +980,23 @@ def main() -> None:
 
     torch.set_num_threads(1)
     np.random.seed(0)
+    if args.check_export:
+        ref = import_reference(fetch_reference(Path(args.cache)))
+        sys.exit(0 if check_exports(ref, args.check_export) else 1)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tree = fetch_reference(Path(args.cache))
     ref = import_reference(tree)
 
-    mods = ["image", "audio", "text"] if args.modality == "all" else [args.modality]
+    mods = list(MAKERS) if args.modality == "all" else [args.modality]
     written = []
     for m in mods:
-        make = {"image": make_image, "audio": make_audio, "text": make_text}[m]
-        root, model, io = make(ref, tree, out_dir)
+        root, model, io = MAKERS[m](ref, tree, out_dir)
         if m == "text":
             written.append(out_dir / "reference_text_dict.txt")
         io["versions"] = _versions()
-        ck = checkpoint_dict(ref, root, model, m)
+        ck = checkpoint_dict(ref, root, model, m.split("_")[0])
         for name, obj in ((f"reference_{m}_checkpoint.pt", ck), (f"reference_{m}_io.pt", io)):
             save(obj, out_dir / name)
             written.append(out_dir / name)

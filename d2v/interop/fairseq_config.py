@@ -293,6 +293,8 @@ def config_to_fairseq(cfg: Config) -> dict:
                  "inverse_mask": _INVERSE_MASK[m]}
     for src, dst in _TOP:
         model[src] = _get(d, dst)
+    if model["average_top_k_layers"] is None:  # d2v: all main blocks; the reference needs the number
+        model["average_top_k_layers"] = cfg.model.depth
     for src, dst in _MOD + _PER_MODALITY[m]:
         mod[src] = _get(d, dst)
     for src, dst in _DECODER:

@@ -7,7 +7,8 @@ GELU MLP, add, LN). So `RobertaModel` computes exactly what it computes, given:
   - token types: one all-zero row (d2v has none);
   - max_position_embeddings = model.max_positions + pad + 1 (RoBERTa's convention, same table);
   - no pooler (data2vec trains none): load with `RobertaModel.from_pretrained(dir, add_pooling_layer=False)`;
-  - prenet blocks (model.prenet_depth, none in the released configs) become the first layers.
+  - no prenet (model.prenet_depth 0, as in the released configs): d2v's prenet starts with a second
+    LayerNorm after the embedding's, which RobertaModel has no place for, so such runs are refused.
 Positions agree for right-padded batches (RoBERTa numbers non-pad tokens, d2v numbers every slot and
 gives pads the padding row), which is what d2v's collate and every HF tokenizer call with
 padding=True produce. The folder also holds the run's tokenizer as a `PreTrainedTokenizerFast`
@@ -39,7 +40,7 @@ def roberta_config(cfg: Config) -> dict:
     return {
         "architectures": ["RobertaModel"], "model_type": "roberta",
         "vocab_size": m.vocab_size, "hidden_size": m.embed_dim,
-        "num_hidden_layers": m.prenet_depth + m.depth, "num_attention_heads": m.num_heads,
+        "num_hidden_layers": m.depth, "num_attention_heads": m.num_heads,
         "intermediate_size": int(m.embed_dim * m.mlp_ratio), "hidden_act": "gelu",
         "hidden_dropout_prob": m.encoder_dropout, "attention_probs_dropout_prob": m.attention_dropout,
         "max_position_embeddings": m.max_positions + PAD_ID + 1, "type_vocab_size": 1,
@@ -59,8 +60,7 @@ def roberta_state_dict(sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, to
         "embeddings.LayerNorm.weight": sd[le + "layernorm_embedding.weight"],
         "embeddings.LayerNorm.bias": sd[le + "layernorm_embedding.bias"],
     }
-    blocks = [f"modality_encoder.context_encoder.blocks.{i}." for i in range(cfg.model.prenet_depth)]
-    blocks += [f"blocks.{i}." for i in range(cfg.model.depth)]
+    blocks = [f"blocks.{i}." for i in range(cfg.model.depth)]
     for j, b in enumerate(blocks):
         h = f"encoder.layer.{j}."
         w, bias = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]  # (3D, D), (3D,): [q; k; v]
@@ -87,6 +87,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"{ck}: --format hf exports text models (RoBERTa layout); this run is "
                          f"{cfg.model.modality}, which no HF class computes exactly (see docs/weights.md): "
                          f"use --format fairseq or d2v")
+    if cfg.model.prenet_depth:
+        raise ValueError(f"{ck}: --format hf needs model.prenet_depth 0 (this run has "
+                         f"{cfg.model.prenet_depth}): the prenet's input LayerNorm has no place in "
+                         f"RobertaModel")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty (nothing was overwritten)")

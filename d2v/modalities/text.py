@@ -1,5 +1,6 @@
-"""Text modality: token embedding + learned absolute positions + embedding LayerNorm + dropout, no
-input LN, and the Conv1d decoder (no residual) with a 2-layer projection.
+"""Text modality: token embedding + learned absolute positions + embedding LayerNorm + dropout, an
+input LN only before prenet blocks (none in the released configs), and the Conv1d decoder (no
+residual) with a 2-layer projection.
 
 Legend: B sequences, M clones, R = B*M rows, T tokens, K kept tokens, D width.
 
@@ -63,8 +64,10 @@ class TextEncoder(ModalityEncoder):
         prenet = [Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout,
                         cfg.attention_dropout, cfg.activation_dropout, cfg.post_mlp_dropout)
                   for _ in range(cfg.prenet_depth)]
-        # no input LN for text (the embedding LN plays that role); prenet_dropout only with a prenet
-        self.context_encoder = BlockEncoder(prenet, None, cfg.prenet_dropout if cfg.prenet_depth else 0.0)
+        # an input LN and prenet_dropout only with a prenet, as the reference (without one, the embedding
+        # LN plays that role)
+        norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.prenet_depth else None
+        self.context_encoder = BlockEncoder(prenet, norm, cfg.prenet_dropout if cfg.prenet_depth else 0.0)
         self.decoder: nn.Module | None = build_decoder(cfg)
 
     def local_features(self, ids_BT: torch.Tensor, padding_mask: torch.Tensor | None = None):
