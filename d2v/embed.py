@@ -57,7 +57,7 @@ def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, pool: st
           progress: bool = True, tokenizer: str | Path | None = None) -> dict:
     """Write the features of every input under `data` to `out` (.npz or .pt) -> a summary dict."""
     from d2v.data.build import build_embed_source
-    from d2v.encoder import _run_folder, load_encoder
+    from d2v.encoder import load_encoder, run_folder
 
     out = Path(out).expanduser()
     if out.suffix not in (".npz", ".pt"):
@@ -71,7 +71,7 @@ def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, pool: st
     if pool == "cls" and enc.model.num_extra_tokens == 0:
         raise ValueError(f"--pool cls: this {enc.modality} model has no CLS token; use --pool mean")
     kw = {"tokenizer": enc.tokenizer} if enc.modality == "text" and enc.tokenizer is not None else {}
-    src = build_embed_source(enc.config, data, _run_folder(Path(checkpoint).expanduser()), **kw)
+    src = build_embed_source(enc.config, data, run_folder(Path(checkpoint).expanduser()), **kw)
     loader = torch.utils.data.DataLoader(_Items(src), batch_size=batch_size, shuffle=False, num_workers=0,
                                          collate_fn=list)
     names, rows, skipped = [], [], list(src.skipped)

@@ -96,7 +96,7 @@ def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch
         if cfg.model.modality == "text":
             from d2v.data.text import load_tokenizer
 
-            for cand in [tokenizer or cfg.data.tokenizer, _run_folder(p) / "tokenizer.json"]:
+            for cand in [tokenizer or cfg.data.tokenizer, run_folder(p) / "tokenizer.json"]:
                 if cand is not None and Path(cand).expanduser().is_file():
                     tok = load_tokenizer(cand)
                     break
@@ -110,7 +110,7 @@ def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch
     return enc.to(device) if device is not None else enc
 
 
-def _run_folder(p: Path) -> Path:
+def run_folder(p: Path) -> Path:
     """The run folder of a run, checkpoints/ or step folder path."""
     if (p / "state.pt").is_file():
         return p.parent.parent if p.parent.name == "checkpoints" else p.parent

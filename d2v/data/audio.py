@@ -144,7 +144,13 @@ def read_manifest(path: str | Path) -> list[AudioEntry]:
     return entries
 
 
-def _is_audio(path: Path) -> bool:
+def normalize_waveform(x_L: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the utterance (F.layer_norm, eps 1e-5: the reference's
+    `postprocess` with normalize)."""
+    return F.layer_norm(x_L, x_L.shape, eps=_NORM_EPS)
+
+
+def is_audio_file(path: Path) -> bool:
     return path.name.lower().endswith(AUDIO_EXTENSIONS) and not path.name.startswith(".")
 
 
@@ -157,7 +163,7 @@ def scan_audio_folder(root: str | Path) -> list[AudioEntry]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder {root} does not exist or is not a directory")
-    per_class, loose = scan_class_folders(root, _is_audio, log=log, warn_key="audio-loose-files",
+    per_class, loose = scan_class_folders(root, is_audio_file, log=log, warn_key="audio-loose-files",
                                           noun="audio file(s)")
     if per_class:
         return [AudioEntry(p, None, name) for name, files in per_class for p in files]
@@ -396,7 +402,7 @@ class AudioDataset(torch.utils.data.Dataset):
         if self.root.is_dir():
             entries = scan_audio_folder(self.root)
         elif self.root.is_file():
-            if _is_audio(self.root):
+            if is_audio_file(self.root):
                 raise ValueError(f"AudioDataset: source {self.root} is an audio file; pass a manifest "
                                  f"(.tsv) or a folder")
             entries = read_manifest(self.root)
@@ -476,7 +482,7 @@ class AudioDataset(torch.utils.data.Dataset):
         if wav.shape[0] > cap:
             if self.normalize:  # the reference's order: normalize the utterance, then crop
                 x = torch.from_numpy(wav)
-                wav, normed = F.layer_norm(x, x.shape, eps=_NORM_EPS).numpy(), True
+                wav, normed = normalize_waveform(x).numpy(), True
             start = self._crop_start(epoch, i, wav.shape[0])
             wav = np.ascontiguousarray(wav[start : start + cap])
         return wav, normed
@@ -502,7 +508,7 @@ class AudioDataset(torch.utils.data.Dataset):
             give_up=lambda tries, reasons: self._all_failed(i, tries, reasons))
         x = torch.from_numpy(wav)  # (L,)
         if self.normalize and not normed:
-            x = F.layer_norm(x, x.shape, eps=_NORM_EPS)
+            x = normalize_waveform(x)
         return {"audio": x.contiguous(), "label": self.labels[j], "index": epoch * n + i, "file_index": j,
                 "bad": bad}
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from d2v.audio_frames import RECEPTIVE_FIELD, FeatureLength, conv_output_length
 from d2v.data.audio import (
-    _NORM_EPS,
     AudioCollate,
     AudioDataset,
     LengthBucketBatchSampler,
-    _is_audio,
     collate_audio_eval,
+    is_audio_file,
     load_audio,
+    normalize_waveform,
     read_manifest,
 )
 from d2v.data.common import EmbedSource, ProbeTask, WithMaskInfo, pad_right, user_path
@@ -102,7 +101,7 @@ def embed_source(cfg, path: Path, run_dir: Path | None = None) -> EmbedSource:
     if path.is_file() and path.suffix == ".tsv":
         files = [e.path for e in read_manifest(path)]
     else:
-        files = [path] if path.is_file() else walk_files(path, _is_audio)
+        files = [path] if path.is_file() else walk_files(path, is_audio_file)
     if not files:
         raise ValueError(f"--data {path}: no audio files")
     d = cfg.data
@@ -111,7 +110,7 @@ def embed_source(cfg, path: Path, run_dir: Path | None = None) -> EmbedSource:
         x = torch.from_numpy(load_audio(files[i], d.sample_rate))  # (L,)
         if x.shape[0] < RECEPTIVE_FIELD:
             raise ValueError(f"{x.shape[0]} samples, shorter than one CNN frame ({RECEPTIVE_FIELD})")
-        return F.layer_norm(x, x.shape, eps=_NORM_EPS) if d.normalize else x
+        return normalize_waveform(x) if d.normalize else x
 
     def collate(xs: list) -> tuple:
         return pad_right(xs, 0.0, torch.float32)  # (B, Lmax), padding mask (B, Lmax)

@@ -17,9 +17,9 @@ from d2v.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageFolderDataset,
-    _is_image,
     collate_images,
     eval_image,
+    is_image_file,
     make_inverse_block_mask_fn,
 )
 from d2v.data.sampler import build_loader
@@ -84,7 +84,7 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, int, float]:
 def embed_source(cfg, path: Path, run_dir: Path | None = None) -> EmbedSource:
     """Every image file under `path` (or the file itself), in the probe's eval view: the center square
     at model.image_size, normalized as the run was (data.mean / data.std)."""
-    files = [path] if path.is_file() else walk_files(path, _is_image)
+    files = [path] if path.is_file() else walk_files(path, is_image_file)
     if not files:
         raise ValueError(f"--data {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     mean, std = normalization(cfg)

@@ -68,7 +68,7 @@ _PROGRESS_FROM = 2000
 log = get_logger(__name__)
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_EXTENSIONS) and not path.name.startswith(".")
 
 
@@ -92,7 +92,7 @@ def scan_image_folder(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    per_class, loose = scan_class_folders(root, _is_image, log=log, warn_key="image-loose-files",
+    per_class, loose = scan_class_folders(root, is_image_file, log=log, warn_key="image-loose-files",
                                           noun="image(s)")
     if per_class:
         classes = [name for name, _ in per_class] if classes is None else list(classes)
