@@ -93,6 +93,14 @@ def extract_features(model, dataset, task: ProbeTask, pool: str, device,
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
+def accuracy_se(acc_pct: float, n: int) -> float:
+    """Standard error (percentage points) of an accuracy measured on n held-out examples: the binomial
+    sqrt(p (1 - p) / n). The SE of a gain between two encoders is given as the root sum of squares of
+    theirs (as if independent; the two share the held-out set, so this errs on the large side)."""
+    p = acc_pct / 100.0
+    return 100.0 * float(np.sqrt(max(p * (1.0 - p), 0.0) / max(n, 1)))
+
+
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     """`shots` examples per class (all of a class if it has fewer), fixed by seed."""
     rng = np.random.RandomState(seed)
@@ -288,9 +296,17 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
             log.info(f"{tag} {name} logistic regression fit: full {t2 - t1:.1f} s, {shots}-shot "
                      f"{time.perf_counter() - t2:.1f} s")
         key = f"{shots}shot"
-        res.update(n_train=len(ds_train), n_test=len(ds_test), classes=len(np.unique(labels)),
+        n_test = len(ds_test)
+        for name in encoders:
+            res[name].update({f"{k}_se": accuracy_se(res[name][k], n_test) for k in ("full", key)})
+        held_out = np.asarray(ds_test.labels)
+        res.update(n_train=len(ds_train), n_test=n_test, classes=len(np.unique(labels)),
+                   chance=100.0 * np.bincount(held_out[held_out >= 0]).max() / max((held_out >= 0).sum(), 1),
                    gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
-                   **{f"gain_{key}": res["pretrained"][key] - res["random_init"][key]})
+                   gain_full_se=float(np.hypot(res["pretrained"]["full_se"], res["random_init"]["full_se"])),
+                   **{f"gain_{key}": res["pretrained"][key] - res["random_init"][key],
+                      f"gain_{key}_se": float(np.hypot(res["pretrained"][f"{key}_se"],
+                                                       res["random_init"][f"{key}_se"]))})
         results[task.name] = res
     if not results:
         raise UnlabelledData("; ".join(unlabelled))
@@ -347,9 +363,17 @@ def format_probe(res: dict) -> str:
     for task, r in res["tasks"].items():
         lines += [f"linear probe: {task} ({r['classes']} classes, {res['pool']}-pooled features, step "
                   f"{res['step']}, {r['n_train']} train / {r['n_test']} held-out examples)",
-                  f"  {'encoder':<12} {'full':>7} {key:>8}"]
+                  f"  {'encoder':<12} {'full':>7}{'':5} {key:>8}"]
         for name in ("pretrained", "teacher", "random_init"):
-            lines.append(f"  {name:<12} {r[name]['full']:>6.1f}% {r[name][key]:>7.1f}%")
-        lines.append(f"  gain over random init: full {r['gain_full']:+.1f} pts, "
-                     f"{key} {r['gain_' + key]:+.1f} pts")
+            e = r[name]
+            lines.append(f"  {name:<12} {e['full']:>6.1f}% ±{e.get('full_se', 0):.1f} "
+                         f"{e[key]:>7.1f}% ±{e.get(key + '_se', 0):.1f}")
+        if "chance" in r:
+            lines.append(f"  chance (always the most common held-out class): {r['chance']:.1f}%; ± is one "
+                         f"standard error over the {r['n_test']} held-out examples")
+        gains = []
+        for k in ("full", key):
+            g, se = r[f"gain_{k}"], r.get(f"gain_{k}_se", 0.0)
+            gains.append(f"{k} {g:+.1f} ±{se:.1f} pts" + (f" ({g / se:+.1f} SE)" if se > 0 else ""))
+        lines.append("  gain over random init: " + ", ".join(gains))
     return "\n".join(lines)
