@@ -363,6 +363,21 @@ def _mini_gpt2(folder: Path) -> dict:
     return enc
 
 
+def test_text_import_without_a_tokenizer_never_makes_one_up(tmp_path):
+    """The run's data.tokenizer names a file that import did not write: probe and embed stop with the
+    reason, instead of training a new tokenizer whose ids would not be the embedding's."""
+    from d2v.embed import embed
+
+    perturbed_run("text", tmp_path / "run")
+    f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
+    res = import_fairseq(f, tmp_path / "imp")
+    assert res.config.data.tokenizer.endswith("tokenizer.json")
+    assert not (tmp_path / "imp" / "tokenizer.json").exists()
+    (tmp_path / "lines.txt").write_text("some text\n")
+    with pytest.raises(FileNotFoundError, match="imported without --tokenizer or --gpt2-bpe"):
+        embed(tmp_path / "imp", tmp_path / "lines.txt", tmp_path / "e.npz", progress=False)
+
+
 def test_text_import_with_dictionary_and_gpt2_bpe_then_embed(tmp_path):
     from d2v.embed import embed
 

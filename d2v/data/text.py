@@ -469,7 +469,9 @@ def _read_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (data.tokenizer; a text model "
+                                f"imported without --tokenizer or --gpt2-bpe has none: import it again "
+                                f"with one)")
     data = path.read_bytes()
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))

@@ -155,7 +155,9 @@ def convert_fairseq(ckpt: str | Path, out_dir: str | Path | None = None, *, dict
     m, H = cfg.model.modality, cfg.model.num_heads
     text_files = _text_files(ckpt, state["cfg"], m, vocab, dict_path, tokenizer) if m == "text" else {}
     tok = _text_tokenizer(text_files, gpt2_bpe, vocab) if m == "text" else None
-    if tok is not None and out_dir is not None:
+    if m == "text" and out_dir is not None:
+        # always named: without a tokenizer the file is missing and probe/embed/resume stop saying so,
+        # instead of training a new tokenizer whose ids would not be the embedding's
         cfg.data.tokenizer = str((Path(out_dir).expanduser() / "tokenizer.json").resolve())
     cfg.validate()
 
