@@ -74,16 +74,35 @@ def _is_fairseq_file(p: Path) -> bool:
     return p.is_file() and p.suffix in (".pt", ".pth", ".ckpt")
 
 
+def _d2v_export(p: Path) -> dict | None:
+    """The contents of a `d2v export` (d2v format) file, or None for anything else."""
+    if not _is_fairseq_file(p):
+        return None
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)  # d2v's own file: tensors and plain data
+    except Exception:  # noqa: BLE001 - a fairseq checkpoint pickles more than weights_only allows
+        return None
+    return obj if isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj) else None
+
+
 def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch.device | None = None,
                  tokenizer: str | Path | None = None) -> Encoder:
-    """A frozen Encoder from a d2v run or checkpoint folder (any backend, imported runs included) or a
-    fairseq data2vec 2.0 checkpoint file. `tokenizer` (text): a tokenizers JSON to attach instead of
-    the run's."""
+    """A frozen Encoder from a d2v run or checkpoint folder (any backend, imported runs included), a
+    `d2v export` file, or a fairseq data2vec 2.0 checkpoint file. `tokenizer` (text): a tokenizers JSON
+    to attach instead of the run's."""
     from d2v.model import build_model
 
     p = Path(path).expanduser()
     tok = None
-    if _is_fairseq_file(p):
+    d2v_file = _d2v_export(p)
+    if d2v_file is not None:  # `d2v export --format d2v`: student, teacher, config
+        cfg = Config.from_dict(d2v_file["config"])
+        student, teacher_sd = d2v_file["student"], d2v_file["teacher"]
+        if tokenizer is not None:
+            from d2v.data.text import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+    elif _is_fairseq_file(p):
         from d2v.interop.fairseq import convert_fairseq
 
         conv = convert_fairseq(p, tokenizer=tokenizer)

@@ -295,6 +295,10 @@ def test_load_encoder_from_runs_and_fairseq_files(tmp_path, modality):
     f, _ = export_fairseq(tmp_path / "run", tmp_path / "fs.pt")
     from_file = d2v.load_encoder(f)
     assert torch.equal(from_file(source).features, out.features)
+    r = subprocess.run([sys.executable, "-m", "d2v", "export", "--checkpoint", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "d2v.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(d2v.load_encoder(tmp_path / "d2v.pt")(source).features, out.features)  # d2v's own file
     t_enc = d2v.load_encoder(tmp_path / "run", teacher=True)
     assert not torch.equal(t_enc(source).features, out.features)  # the teacher's weights differ
 
