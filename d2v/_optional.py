@@ -1,7 +1,8 @@
 """Optional dependencies, imported only where a feature needs them.
 
 Image pretraining, the fused ops and the kernels need none of soundfile (audio data), tokenizers (text
-data), deepspeed (the ZeRO engine) or matplotlib (the loss-curve PNG), so an install without them
+data), deepspeed (the ZeRO engine), matplotlib (the loss-curve PNG) or transformers (`d2v export --format
+hf`), so an install without them
 (`pip install --no-deps .`, a minimal container) still works for those. When a feature does need one,
 `require` fails with a message that names the package and the pip command, instead of a bare
 ModuleNotFoundError deep inside a data loader.
@@ -20,7 +21,7 @@ class MissingDependency(ImportError):
 
 def require(module: str, purpose: str) -> ModuleType:
     """Import and return `module`; if it is not installed, raise MissingDependency
-    '<purpose> needs <module>: pip install <module>' (the four optional packages' pip names are their
+    '<purpose> needs <module>: pip install <module>' (the optional packages' pip names are their
     import names)."""
     try:
         return importlib.import_module(module)
