@@ -2,9 +2,9 @@
 
 Image pretraining, the fused ops and the kernels need none of soundfile (audio data), tokenizers (text
 data), deepspeed (the ZeRO engine), matplotlib (the loss-curve PNG) or transformers (the HF export), so
-an install without them (`pip install --no-deps .`, a minimal container) still works for those. When a feature does need one,
-`require` fails with a message that names the package and the pip command, instead of a bare
-ModuleNotFoundError deep inside a data loader.
+an install without them (`pip install --no-deps .`, a minimal container) still works for those. When a
+feature does need one, `require` fails with a message that names the package and the pip command,
+instead of a bare ModuleNotFoundError deep inside a data loader.
 """
 from __future__ import annotations
 

@@ -299,7 +299,7 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
         n_test = len(ds_test)
         for name in encoders:
             res[name].update({f"{k}_se": accuracy_se(res[name][k], n_test) for k in ("full", key)})
-        held_out = np.asarray(ds_test.labels)
+        held_out = np.asarray(y_te)  # the held-out labels as scored (the same for every encoder)
         res.update(n_train=len(ds_train), n_test=n_test, classes=len(np.unique(labels)),
                    chance=100.0 * np.bincount(held_out[held_out >= 0]).max() / max((held_out >= 0).sum(), 1),
                    gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
