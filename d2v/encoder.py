@@ -70,19 +70,19 @@ class Encoder(nn.Module):
         return f"{self.modality}, D={m.embed_dim}, depth={m.depth}, from {self.source}"
 
 
-def _is_fairseq_file(p: Path) -> bool:
+def _is_checkpoint_file(p: Path) -> bool:
     return p.is_file() and p.suffix in (".pt", ".pth", ".ckpt")
 
 
-def _d2v_export(p: Path) -> dict | None:
-    """The contents of a `d2v export` (d2v format) file, or None for anything else."""
-    if not _is_fairseq_file(p):
-        return None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # d2v's own file: tensors and plain data
-    except Exception:  # noqa: BLE001 - a fairseq checkpoint pickles more than weights_only allows
-        return None
-    return obj if isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj) else None
+def run_tokenizer(cfg: Config, run_dir: Path | None, override: str | Path | None = None):
+    """A text run's tokenizer: `override`, else data.tokenizer, else tokenizer.json in `run_dir`; None
+    when there is none (never trained here: new ids would not be the embedding's)."""
+    from d2v.data.text import load_tokenizer
+
+    for cand in [override or cfg.data.tokenizer, None if run_dir is None else run_dir / "tokenizer.json"]:
+        if cand is not None and Path(cand).expanduser().is_file():
+            return load_tokenizer(cand)
+    return None
 
 
 def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch.device | None = None,
@@ -94,31 +94,25 @@ def load_encoder(path: str | Path, *, teacher: bool = False, device: str | torch
 
     p = Path(path).expanduser()
     tok = None
-    d2v_file = _d2v_export(p)
-    if d2v_file is not None:  # `d2v export --format d2v`: student, teacher, config
-        cfg = Config.from_dict(d2v_file["config"])
-        student, teacher_sd = d2v_file["student"], d2v_file["teacher"]
-        if tokenizer is not None:
-            from d2v.data.text import load_tokenizer
+    if _is_checkpoint_file(p):
+        from d2v.interop.fairseq import convert_fairseq, load_torch_file
 
-            tok = load_tokenizer(tokenizer)
-    elif _is_fairseq_file(p):
-        from d2v.interop.fairseq import convert_fairseq
-
-        conv = convert_fairseq(p, tokenizer=tokenizer)
-        cfg, student, teacher_sd, tok = conv.config, conv.student, conv.teacher, conv.tokenizer
+        obj = load_torch_file(p)  # read once: a d2v export or a fairseq checkpoint
+        if isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj):  # `d2v export`
+            cfg = Config.from_dict(obj["config"])
+            student, teacher_sd = obj["student"], obj["teacher"]
+            if cfg.model.modality == "text":
+                tok = run_tokenizer(cfg, None, tokenizer)
+        else:
+            conv = convert_fairseq(p, tokenizer=tokenizer, loaded=obj)
+            cfg, student, teacher_sd, tok = conv.config, conv.student, conv.teacher, conv.tokenizer
     else:
         from d2v.weights import load_weights
 
         state, cfg_dict, _ = load_weights(p)
         cfg, student, teacher_sd = Config.from_dict(cfg_dict), state["model"], state["teacher"]
         if cfg.model.modality == "text":
-            from d2v.data.text import load_tokenizer
-
-            for cand in [tokenizer or cfg.data.tokenizer, run_folder(p) / "tokenizer.json"]:
-                if cand is not None and Path(cand).expanduser().is_file():
-                    tok = load_tokenizer(cand)
-                    break
+            tok = run_tokenizer(cfg, run_folder(p), tokenizer)
     model = build_model(cfg)
     model.load_state_dict(student)
     if teacher:

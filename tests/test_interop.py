@@ -38,22 +38,28 @@ def tiny_cfg(modality: str, out_dir: Path, **model) -> Config:
                              "objective": {"average_top_k_layers": 2}, "train": {"out_dir": str(out_dir)}})
 
 
+def save_moved_run(cfg: Config, out_dir: Path, step: int, seed: int, scale: float, teacher_scale: float):
+    """A single-backend checkpoint of a model whose parameters were moved by scale * N(0, 1) and whose
+    teacher was moved again by teacher_scale -> (student sd, teacher sd)."""
+    torch.manual_seed(seed)
+    student = build_model(cfg)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * scale)
+        teacher = EMATeacher(student, 0.9, 0.99, 10)
+        for p in teacher.module.parameters():
+            p.add_(torch.randn_like(p) * teacher_scale)
+    sd, td = student.state_dict(), teacher.state_dict()
+    save_checkpoint(out_dir, step, {"engine": "single", "step": step, "model": sd, "teacher": td,
+                                    "optimizer": {}, "rng": None}, cfg.to_dict(), keep_last=3)
+    return sd, td
+
+
 def perturbed_run(modality: str, out_dir: Path, step: int = 7, **model):
     """A d2v run folder whose student and teacher differ from each other and from an init (every
     parameter moved), so that a swapped key shows -> (cfg, student sd, teacher sd)."""
     cfg = tiny_cfg(modality, out_dir, **model)
-    torch.manual_seed(0)
-    student = build_model(cfg)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    teacher = EMATeacher(student, 0.9, 0.99, 10)
-    with torch.no_grad():
-        for p in teacher.module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    sd, td = student.state_dict(), teacher.state_dict()
-    save_checkpoint(out_dir, step, {"engine": "single", "step": step, "model": sd, "teacher": td,
-                                    "optimizer": {}, "rng": None}, cfg.to_dict(), keep_last=3)
+    sd, td = save_moved_run(cfg, out_dir, step, seed=0, scale=0.1, teacher_scale=0.1)
     return cfg, sd, td
 
 
@@ -214,15 +220,7 @@ def test_continued_pretraining_from_imported_weights(tmp_path):
 
     out = tmp_path / "src"
     src = load_config(str(ROOT / "configs" / "tiny_image.yaml"), micro_overrides(out, steps=2))
-    torch.manual_seed(1)
-    model = build_model(src)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    teacher = EMATeacher(model, 0.9, 0.99, 10)
-    save_checkpoint(out, 5, {"engine": "single", "step": 5, "model": model.state_dict(),
-                             "teacher": teacher.state_dict(), "optimizer": {}, "rng": None},
-                    src.to_dict(), keep_last=3)
+    sd, td = save_moved_run(src, out, 5, seed=1, scale=0.05, teacher_scale=0.0)
     f, _ = export_fairseq(out, tmp_path / "fs.pt")
     run = tmp_path / "imp"
     import_fairseq(f, run)
@@ -234,8 +232,8 @@ def test_continued_pretraining_from_imported_weights(tmp_path):
     tr = Trainer(cfg, resume=True, progress=False)
     try:
         assert tr.step == 5 and tr.resumed_from is not None
-        assert_same({k: v.detach() for k, v in tr.model.state_dict().items()}, model.state_dict())
-        assert_same(tr.teacher.state_dict(), teacher.state_dict())
+        assert_same({k: v.detach() for k, v in tr.model.state_dict().items()}, sd)
+        assert_same(tr.teacher.state_dict(), td)
         summary = tr.train()
     finally:
         tr.release()

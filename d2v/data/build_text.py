@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from d2v.data.common import EmbedSource, ProbeTask, WithMaskInfo, has_split, pad_right, user_path
@@ -22,7 +23,6 @@ from d2v.data.text import (
     WordOrderDataset,
     collate_text,
     collate_text_eval,
-    encode_text,
     read_text_file,
     resolve_tokenizer,
     scan_text_source,
@@ -119,10 +119,11 @@ def embed_source(cfg, path: Path, run_dir: Path | None = None, tokenizer=None) -
         except (ValueError, OSError) as e:
             skipped.append((str(f), str(e)))
             continue
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                names.append(f"{f}:{n}")
-                ids.append(encode_text(tok, line.strip())[: cfg.model.max_positions - 1])
+        numbered = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        encoded = tok.encode_batch([s for _, s in numbered], add_special_tokens=False)
+        for (n, _), enc in zip(numbered, encoded):
+            names.append(f"{f}:{n}")
+            ids.append(np.asarray(enc.ids[: cfg.model.max_positions - 1], dtype=np.int64))
     if not names:
         raise ValueError(f"--data {path}: no non-empty lines of text")
 

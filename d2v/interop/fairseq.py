@@ -34,6 +34,7 @@ from d2v.interop.fairseq_keys import (
     nest_ema,
     split_ema,
 )
+from d2v.interop.fairseq_text import read_dict_symbols
 from d2v.log import get_logger
 
 log = get_logger(__name__)
@@ -54,19 +55,25 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def read_fairseq_checkpoint(path: str | Path) -> dict:
-    """torch.load a fairseq checkpoint file on the CPU, with errors that say what is wrong with it."""
+def load_torch_file(path: str | Path):
+    """torch.load a checkpoint file on the CPU, with errors that say what is wrong with it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"--from fairseq {p}: no such file")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:  # pickled objects of a package this Python lacks
         raise FairseqImportError(f"{p}: the checkpoint pickles objects of the '{e.name}' package, which "
                                  f"is not installed here (pip install {e.name}), then import again") from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
         raise FairseqImportError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def fairseq_state(state, path: str | Path) -> dict:
+    """A loaded file's contents as a fairseq checkpoint (its cfg as a plain dict), or FairseqImportError
+    saying what it lacks."""
+    p = Path(path).expanduser()
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise FairseqImportError(f"{p}: not a fairseq checkpoint (expected a dict with a 'model' state dict "
                                  f"and a 'cfg')")
@@ -138,12 +145,13 @@ class Converted:
 
 
 def convert_fairseq(ckpt: str | Path, out_dir: str | Path | None = None, *, dict_path=None,
-                    tokenizer=None, gpt2_bpe=None) -> Converted:
+                    tokenizer=None, gpt2_bpe=None, loaded=None) -> Converted:
     """A fairseq checkpoint file -> d2v config and student/teacher state dicts, in memory (import_fairseq
-    writes them as a run folder `out_dir`; d2v.load_encoder reads a checkpoint file this way)."""
+    writes them as a run folder `out_dir`; d2v.load_encoder reads a checkpoint file this way). `loaded`:
+    the file's contents when the caller already read it (read once)."""
     from d2v.model import build_model
 
-    state = read_fairseq_checkpoint(ckpt)
+    state = fairseq_state(load_torch_file(ckpt) if loaded is None else loaded, ckpt)
     student_ref, teacher_ref = split_ema(state["model"])
     vocab = student_ref[TEXT_EMBED].shape[0] if TEXT_EMBED in student_ref else None
     try:
@@ -211,7 +219,12 @@ def _text_files(ckpt, ckpt_cfg: dict, modality: str, vocab: int | None, dict_pat
                 break
     if dict_path is not None:
         p = Path(dict_path).expanduser()
-        n = count_dict_symbols(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"--dict {p}: no such file")
+        try:
+            n = len(read_dict_symbols(p))
+        except ValueError as e:
+            raise FairseqImportError(f"--dict {e}") from None
         # fairseq: 4 specials + the file's symbols (+ <mask> added by the masked-LM task)
         if vocab is not None and vocab not in (n + 4, n + 5):
             raise FairseqImportError(f"--dict {p}: {n} symbols + 4 specials do not fit the checkpoint's "
@@ -228,21 +241,6 @@ def _text_files(ckpt, ckpt_cfg: dict, modality: str, vocab: int | None, dict_pat
                                      f"embedding rows")
         found["tokenizer"] = p
     return found
-
-
-def count_dict_symbols(path: Path) -> int:
-    """Symbols in a fairseq dict.txt ("<symbol> <count>" per line, optionally '#fairseq:overwrite')."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--dict {path}: no such file")
-    n = 0
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        fields = line.rstrip().split(" ")
-        if fields[-1] == "#fairseq:overwrite":
-            fields = fields[:-1]
-        if len(fields) < 2 or not fields[-1].isdigit():
-            raise FairseqImportError(f"--dict {path}, line {i}: expected '<symbol> <count>', got {line!r}")
-        n += 1
-    return n
 
 
 def export_fairseq(checkpoint: str | Path, out_file: str | Path) -> tuple[Path, Path]:

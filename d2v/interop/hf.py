@@ -78,6 +78,7 @@ def roberta_state_dict(sd: dict[str, torch.Tensor], cfg: Config) -> dict[str, to
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Any d2v text checkpoint -> a transformers folder `out_dir` (config.json, model.safetensors,
     tokenizer files) -> (out_dir, the checkpoint folder read)."""
+    from d2v.encoder import run_folder, run_tokenizer
     from d2v.weights import load_weights
 
     transformers = require("transformers", "d2v export --format hf")
@@ -102,23 +103,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
         raise RuntimeError(f"HF export: RobertaModel keys missing {missing[:5]}, unexpected {unexpected[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tok = text_tokenizer_of(cfg, ck)
+    tok = run_tokenizer(cfg, run_folder(Path(ck)))
     if tok is not None:
         save_hf_tokenizer(tok, out)
     (out / "d2v_export.json").write_text(json.dumps({"checkpoint": str(ck), "step": int(state.get("step", 0)),
                                                      "tokenizer": tok is not None}, indent=2) + "\n")
     return out, ck
-
-
-def text_tokenizer_of(cfg: Config, ck: Path):
-    """The run's tokenizer (data.tokenizer, or tokenizer.json in the run folder), or None."""
-    from d2v.data.text import load_tokenizer
-
-    candidates = [Path(cfg.data.tokenizer)] if cfg.data.tokenizer else []
-    for p in candidates + [Path(ck).parent.parent / "tokenizer.json"]:
-        if p.expanduser().is_file():
-            return load_tokenizer(p)
-    return None
 
 
 def save_hf_tokenizer(tok, out: Path) -> None:
