@@ -4,9 +4,10 @@ C++/CUDA extension `d2v._C` built from d2v/csrc/.
 
 The extension only speeds up the EMA update: every op has a pure-Python path. That is why a failed
 extension build never fails the install:
-- the CUDA part (d2v/csrc/*.cu) is attempted with a CUDA build of torch and nvcc (CUDA_HOME or nvcc on
-  PATH). If it does not compile or link (a partial toolkit without the cuBLAS/cuSPARSE headers torch
-  includes, an nvcc whose major version differs from torch's CUDA, ...), d2v._C is rebuilt CPU-only;
+- the CUDA part (the torch-free kernels d2v/csrc/*.cu, compiled by nvcc, and their torch-facing host
+  code, the *.cpp parts under D2V_WITH_CUDA) is attempted with a CUDA build of torch and nvcc (CUDA_HOME
+  or nvcc on PATH). If it does not compile or link (a partial toolkit without the cuBLAS/cuSPARSE headers
+  torch includes, an nvcc whose major version differs from torch's CUDA, ...), d2v._C is rebuilt CPU-only;
 - if the CPU part does not build either (no working C++ compiler), d2v installs without d2v._C.
 Each fallback prints a warning that says why (pip shows it with `pip install -v`) and records it in
 d2v/_build_info.json inside the installed package, so that at run time `d2v._ext.load()` and

@@ -44,7 +44,8 @@ JIT_ENV = "D2V_JIT_EXT"
 SOURCES = "the packaged C++ sources"
 CXX_FLAGS = ["-O3", "-fopenmp"]
 # No -std=: torch appends the C++ standard its headers need (torch 2.14's refuse C++17); nvcc takes one.
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-DD2V_WITH_CUDA"]
+# -DD2V_WITH_CUDA goes to the C++ compiler (bindings.cpp, ema_cuda_host.cpp); ema_cuda.cu does not use it.
+NVCC_FLAGS = ["-O3", "--use_fast_math"]
 _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
 
 
@@ -117,7 +118,7 @@ def _jit_build(cuda: bool) -> ModuleType:
     sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
     if not sources:
         raise FileNotFoundError(f"no C++ sources under {CSRC} (the package was installed without them)")
-    if cuda:
+    if cuda:  # the kernels (*.cu); their host sides are *.cpp that compile empty without D2V_WITH_CUDA
         sources += sorted(str(p) for p in CSRC.glob("*.cu"))
     name = _jit_name(cuda)
     if not _is_cached(name):

@@ -1,6 +1,7 @@
 // Fused EMA of teacher parameters: ema = ema + w * (param - ema), w = 1 - decay, in fp32, in place,
 // optionally writing a bf16/fp16 copy of the new ema (the low-precision teacher) in the same pass.
-// CPU twin (ema.cpp, OpenMP) and CUDA multi-tensor kernel (ema_cuda.cu); bound in bindings.cpp.
+// CPU twin (ema.cpp, OpenMP) and CUDA multi-tensor kernel (ema_cuda.cu, torch-free, launched from
+// ema_cuda_host.cpp); bound in bindings.cpp.
 #pragma once
 #include <torch/extension.h>
 

@@ -6,8 +6,13 @@
 // per dtype group instead of ~200 per-parameter kernels). Vectorized 4-wide when all pointers of a
 // tensor are 16-byte aligned.
 //
-// The kernel part compiles without torch (nvcc -DD2V_KERNEL_ONLY -c csrc/ema_cuda.cu) for a syntax check
-// on machines with nvcc but a CPU torch; the launcher needs a CUDA torch (setup.py builds it there).
+// This file owns the kernel and ema_cuda::launch (dtype codes -> template instantiation), nothing else:
+// it includes no torch header (Args, the constants and launch() are declared in ema_cuda.h), so nvcc
+// compiles it in seconds and it compiles on machines with nvcc but a CPU torch. The torch-facing entry
+// point (argument checks, device guard, current stream, grouping tensors into Args) is
+// ema_update_cuda in ema_cuda_host.cpp.
+#include "ema_cuda.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,21 +20,6 @@
 
 namespace d2v {
 namespace ema_cuda {
-
-constexpr int kMaxTensors = 48;
-constexpr int kMaxBlocks = 320;
-constexpr int kChunk = 1 << 16;
-constexpr int kThreads = 512;
-
-struct Args {
-  float* ema[kMaxTensors];
-  const void* par[kMaxTensors];
-  void* low[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  unsigned char tensor[kMaxBlocks];
-  int chunk[kMaxBlocks];
-};
-static_assert(sizeof(Args) <= 4096, "kernel argument struct must fit in 4 KiB");
 
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
@@ -90,99 +80,34 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(Args args, float w) {
   }
 }
 
-#ifdef D2V_KERNEL_ONLY  // instantiate every variant for the torch-free syntax check
-template __global__ void ema_kernel<float, float, false>(Args, float);
-template __global__ void ema_kernel<__nv_bfloat16, float, false>(Args, float);
-template __global__ void ema_kernel<__half, float, false>(Args, float);
-template __global__ void ema_kernel<float, __nv_bfloat16, true>(Args, float);
-template __global__ void ema_kernel<__nv_bfloat16, __nv_bfloat16, true>(Args, float);
-template __global__ void ema_kernel<__half, __half, true>(Args, float);
-#endif
-
-}  // namespace ema_cuda
-}  // namespace d2v
-
-#ifndef D2V_KERNEL_ONLY
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "ema.h"
-
-namespace d2v {
-
 namespace {
-using namespace ema_cuda;
 
 template <typename P, typename L, bool kLow>
-void launch(const Args& a, int blocks, float w, cudaStream_t s) {
+cudaError_t launch_t(const Args& a, int blocks, float w, cudaStream_t s) {
   ema_kernel<P, L, kLow><<<blocks, kThreads, 0, s>>>(a, w);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
 template <typename P>
-void launch_p(const Args& a, int blocks, float w, cudaStream_t s, int low) {
-  if (low == 0) launch<P, float, false>(a, blocks, w, s);
-  else if (low == 1) launch<P, __nv_bfloat16, true>(a, blocks, w, s);
-  else launch<P, __half, true>(a, blocks, w, s);
-}
-
-void launch_any(at::ScalarType pt, const Args& a, int blocks, float w, cudaStream_t s, int low) {
-  if (pt == at::kFloat) launch_p<float>(a, blocks, w, s, low);
-  else if (pt == at::kBFloat16) launch_p<__nv_bfloat16>(a, blocks, w, s, low);
-  else launch_p<__half>(a, blocks, w, s, low);
-}
-}  // namespace
-
-void ema_update_cuda(const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& params, double decay,
-                     const std::vector<at::Tensor>& out_lowp) {
-  check_ema_args(ema, params, out_lowp, /*want_cuda=*/true);
-  if (ema.empty()) return;
-  const c10::cuda::CUDAGuard guard(ema[0].device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const float w = static_cast<float>(1.0 - decay);
-  const bool has_low = !out_lowp.empty();
-  // one pass per (param dtype, low dtype) group; inside a group, fill the struct and launch when full
-  for (const auto pt : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    for (const int low : {0, 1, 2}) {
-      if ((low == 0) == has_low) continue;
-      const at::ScalarType lt = low == 1 ? at::kBFloat16 : at::kHalf;
-      Args a;
-      int nt = 0, nb = 0;
-      for (size_t i = 0; i < ema.size(); ++i) {
-        if (params[i].scalar_type() != pt || (has_low && out_lowp[i].scalar_type() != lt)) continue;
-        const int64_t n = ema[i].numel();
-        if (n == 0) continue;
-        a.ema[nt] = ema[i].data_ptr<float>();
-        a.par[nt] = params[i].data_ptr();
-        a.low[nt] = has_low ? out_lowp[i].data_ptr() : nullptr;
-        a.numel[nt] = n;
-        const int64_t chunks = (n + kChunk - 1) / kChunk;
-        TORCH_CHECK(chunks < (int64_t(1) << 31), "d2v ema_update_: tensor ", i, " is too large");
-        for (int64_t c = 0; c < chunks; ++c) {
-          a.tensor[nb] = static_cast<unsigned char>(nt);
-          a.chunk[nb] = static_cast<int>(c);
-          ++nb;
-          const bool last_chunk = c == chunks - 1;
-          if (nb == kMaxBlocks || (last_chunk && nt + 1 == kMaxTensors)) {
-            launch_any(pt, a, nb, w, stream, low);
-            nb = 0;
-            if (!last_chunk) {  // the tensor continues in the next launch: keep it as slot 0
-              a.ema[0] = a.ema[nt];
-              a.par[0] = a.par[nt];
-              a.low[0] = a.low[nt];
-              a.numel[0] = a.numel[nt];
-              nt = 0;
-            } else {
-              nt = -1;
-            }
-          }
-        }
-        ++nt;
-      }
-      if (nb > 0) launch_any(pt, a, nb, w, stream, low);
-    }
+cudaError_t launch_p(Dtype low, const Args& a, int blocks, float w, cudaStream_t s) {
+  switch (low) {
+    case Dtype::kNone: return launch_t<P, float, false>(a, blocks, w, s);
+    case Dtype::kBFloat16: return launch_t<P, __nv_bfloat16, true>(a, blocks, w, s);
+    case Dtype::kHalf: return launch_t<P, __half, true>(a, blocks, w, s);
+    default: return cudaErrorInvalidValue;
   }
 }
 
+}  // namespace
+
+cudaError_t launch(Dtype param, Dtype low, const Args& a, int blocks, float w, cudaStream_t stream) {
+  switch (param) {
+    case Dtype::kFloat: return launch_p<float>(low, a, blocks, w, stream);
+    case Dtype::kBFloat16: return launch_p<__nv_bfloat16>(low, a, blocks, w, stream);
+    case Dtype::kHalf: return launch_p<__half>(low, a, blocks, w, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace ema_cuda
 }  // namespace d2v
-#endif  // D2V_KERNEL_ONLY
