@@ -12,6 +12,11 @@ fit by full-batch L-BFGS in torch (a second per fit, where sklearn's CV took a m
 its L2 strength is chosen by stratified k-fold cross-validation on the training features only (so every
 class needs at least MIN_CV_FOLDS training examples); accuracy is measured on the held-out split.
 
+Text word order is a task in minimal pairs (d2v.data.text.WordOrderDataset: each line as written and
+token-shuffled): its folds, few-shot subsets and held-out split keep a line's two versions together, and
+it is scored per pair (did the classifier rate the version as written above the shuffled one; chance
+50%), so a line's content, present in both classes, cannot decide it.
+
 The few-shot probe is the more telling number on easy data: on the embedded digits a random encoder
 already comes close to the pretrained one with every label, while with 10 labels per class the gain
 from pretraining is much larger.
@@ -108,6 +113,27 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(idx))
 
 
+def few_shot_pairs(n_pairs: int, shots: int, seed: int) -> np.ndarray:
+    """The items of `shots` pairs (2p and 2p + 1, in order) of a paired task, fixed by seed."""
+    pick = np.sort(np.random.RandomState(seed).permutation(n_pairs)[:shots])
+    return np.stack([2 * pick, 2 * pick + 1], 1).reshape(-1)
+
+
+def _check_pairs(y: np.ndarray, where: str) -> None:
+    """A paired task's labels: 1 (as written) at even items, 0 at odd ones."""
+    if len(y) % 2 or not ((y[0::2] == 1).all() and (y[1::2] == 0).all()):
+        raise ValueError(f"{where}: a paired probe task needs items in pairs (label 1, then label 0)")
+
+
+def _n_correct(logits: torch.Tensor, y: torch.Tensor, paired: bool) -> int:
+    """Correct decisions: per item, the argmax class; paired, per pair (items 2p, 2p + 1), whether the
+    item labelled 1 gets the larger class-1-minus-class-0 logit margin than its twin."""
+    if not paired:
+        return int((logits.argmax(1) == y).sum())
+    margin = (logits[:, 1] - logits[:, 0]).view(-1, 2)  # (P, 2): the label-1 item, the label-0 item
+    return int((margin[:, 0] > margin[:, 1]).sum())
+
+
 def fit_logreg(x_ND: torch.Tensor, y_N: torch.Tensor, num_classes: int, l2: float,
                max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, full-batch L-BFGS in float64: minimizes
@@ -127,34 +153,49 @@ def fit_logreg(x_ND: torch.Tensor, y_N: torch.Tensor, num_classes: int, l2: floa
     return W.detach(), b.detach()
 
 
-def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0) -> float:
+def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0, paired: bool = False) -> float:
     """Held-out accuracy (%) of multinomial logistic regression on standardized features; the L2
     strength is chosen from L2_GRID by stratified k-fold CV on the training features only (k =
     MAX_CV_FOLDS, fewer when a class has fewer examples; no CV, the grid's middle value, when a class
-    has a single one, as in a 1-shot subset), then the model is refit on all of them."""
-    from sklearn.model_selection import StratifiedKFold
+    has a single one, as in a 1-shot subset), then the model is refit on all of them.
+
+    `paired`: both splits are minimal pairs (items 2p, 2p + 1 labelled 1 and 0, see
+    d2v.data.text.WordOrderDataset); the folds keep pairs together and the accuracy is per pair: the
+    share of held-out pairs whose label-1 item the classifier rates the more likely of the two."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     xt = torch.from_numpy((x_tr - mu) / sd).double()
     xe = torch.from_numpy((x_te - mu) / sd).double()
     classes, yt = np.unique(y_tr, return_inverse=True)  # labels -> 0..C-1
+    if paired:
+        _check_pairs(y_tr, "probe train split")
+        _check_pairs(np.asarray(y_te), "probe held-out split")
     yt = torch.from_numpy(yt)
     C = len(classes)
     counts = np.bincount(yt.numpy())
-    folds = int(min(MAX_CV_FOLDS, counts.min()))
+    folds = int(min(MAX_CV_FOLDS, len(yt) // 2 if paired else counts.min()))
     best = L2_GRID[len(L2_GRID) // 2]
     if folds >= MIN_CV_FOLDS and C > 1:
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(xt.numpy(), yt.numpy()))
+        if paired:  # split pairs, not items: a line must not sit in both the fit and the validation
+            pairs = KFold(folds, shuffle=True, random_state=seed).split(np.arange(len(yt) // 2))
+            splits = [tuple(np.stack([2 * p, 2 * p + 1], 1).reshape(-1) for p in fold) for fold in pairs]
+        else:
+            skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
+            splits = list(skf.split(xt.numpy(), yt.numpy()))
         scores = []
         for l2 in L2_GRID:
             correct = 0
             for tr, va in splits:
                 W, b = fit_logreg(xt[tr], yt[tr], C, l2)
-                correct += int(((xt[va] @ W + b).argmax(1) == yt[va]).sum())
+                correct += _n_correct(xt[va] @ W + b, yt[va], paired)
             scores.append(correct)
         best = L2_GRID[int(np.argmax(scores))]  # ties -> the weaker penalty listed first
     W, b = fit_logreg(xt, yt, C, best)
-    pred = classes[(xe @ W + b).argmax(1).numpy()]
+    logits = xe @ W + b
+    if paired:
+        return 100.0 * _n_correct(logits, torch.from_numpy(np.asarray(y_te)), True) / (len(y_te) // 2)
+    pred = classes[logits.argmax(1).numpy()]
     return float((pred == y_te).mean() * 100.0)
 
 
@@ -166,6 +207,15 @@ def _split(ds_all, seed: int):
     tr, te = train_test_split(idx, test_size=HELD_OUT, random_state=seed, stratify=labels)
     sub = torch.utils.data.Subset
     return sub(ds_all, tr.tolist()), sub(ds_all, te.tolist())
+
+
+def _split_pairs(ds_all, seed: int):
+    """The held-out split of a paired task without a test split: HELD_OUT of its pairs, whole."""
+    from sklearn.model_selection import train_test_split
+
+    tr, te = train_test_split(np.arange(len(ds_all) // 2), test_size=HELD_OUT, random_state=seed)
+    items = [np.stack([2 * p, 2 * p + 1], 1).reshape(-1).tolist() for p in (np.sort(tr), np.sort(te))]
+    return torch.utils.data.Subset(ds_all, items[0]), torch.utils.data.Subset(ds_all, items[1])
 
 
 def _test_to_train_labels(ds_train, ds_test) -> np.ndarray | None:
@@ -260,11 +310,19 @@ def _warn_if_noisy(task: str, ds_test) -> None:
 
 
 def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int, device,
-                   run_dir: Path | None = None) -> dict:
-    """Probe each named encoder on every task -> {task: {name: {"full": acc, f"{shots}shot": acc},
-    "n_train": .., "n_test": .., "classes": ..}}."""
+                   run_dir: Path | None = None, tasks: list[str] | None = None) -> dict:
+    """Probe each named encoder on every task (or on the named `tasks` only) -> {task: {name: {"full":
+    acc, f"{shots}shot": acc, ..._se}, "n_train": .., "n_test": .., "classes": .., "chance": .., and the
+    gains of "pretrained" over "random_init" when both are among the encoders}}."""
     results, unlabelled = {}, []
-    for task in build_probe_tasks(cfg, run_dir):
+    all_tasks = build_probe_tasks(cfg, run_dir)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {t.name for t in all_tasks})
+        if unknown:
+            raise ValueError(f"probe task(s) {unknown} unknown for {cfg.model.modality}: the tasks here are "
+                             f"{[t.name for t in all_tasks]}")
+        all_tasks = [t for t in all_tasks if t.name in tasks]
+    for task in all_tasks:
         ds_train, ds_test = task.train, task.test
         labels = np.asarray(ds_train.labels)
         if (labels < 0).any():  # a task without labels is skipped; the probe fails only if all are
@@ -272,12 +330,14 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
                               f"examples (put each class in its own subfolder, or give a label column)")
             continue
         check_train_split(ds_train, labels, holds_out=ds_test is None)
+        paired = bool(getattr(ds_train, "paired", False))  # minimal pairs, scored pair by pair
         if ds_test is None:
-            ds_train, ds_test = _split(ds_train, seed)
+            ds_train, ds_test = (_split_pairs if paired else _split)(ds_train, seed)
         to_train = _test_to_train_labels(ds_train, ds_test)  # None: both splits number classes alike
         tag = f"probe {task.name}:"
-        log.info(f"{tag} {len(ds_train)} train / {len(ds_test)} held-out examples, "
-                 f"{_n(len(np.unique(labels)), 'class')}, {_n(len(encoders), 'encoder')}")
+        sizes = (f"{len(ds_train) // 2} train / {len(ds_test) // 2} held-out pairs" if paired
+                 else f"{len(ds_train)} train / {len(ds_test)} held-out examples")
+        log.info(f"{tag} {sizes}, {_n(len(np.unique(labels)), 'class')}, {_n(len(encoders), 'encoder')}")
         _warn_if_noisy(task.name, ds_test)
         res = {}
         for name, model in encoders.items():
@@ -288,25 +348,28 @@ def probe_encoders(cfg: Config, encoders: dict, pool: str, shots: int, seed: int
             log.info(f"{tag} {name} features {len(x_tr)}/{len(x_te)} (train/held-out) in {t1 - t0:.1f} s")
             if to_train is not None:
                 y_te = np.where(y_te >= 0, to_train[np.maximum(y_te, 0)], y_te)
-            few = few_shot_indices(y_tr, shots, seed)
-            full = logreg_accuracy(x_tr, y_tr, x_te, y_te, seed)
+            few = (few_shot_pairs(len(y_tr) // 2, shots, seed) if paired
+                   else few_shot_indices(y_tr, shots, seed))
+            full = logreg_accuracy(x_tr, y_tr, x_te, y_te, seed, paired)
             t2 = time.perf_counter()
             res[name] = {"full": full,
-                         f"{shots}shot": logreg_accuracy(x_tr[few], y_tr[few], x_te, y_te, seed)}
+                         f"{shots}shot": logreg_accuracy(x_tr[few], y_tr[few], x_te, y_te, seed, paired)}
             log.info(f"{tag} {name} logistic regression fit: full {t2 - t1:.1f} s, {shots}-shot "
                      f"{time.perf_counter() - t2:.1f} s")
         key = f"{shots}shot"
-        n_test = len(ds_test)
+        n_test = len(ds_test) // 2 if paired else len(ds_test)  # scored decisions: pairs or examples
         for name in encoders:
             res[name].update({f"{k}_se": accuracy_se(res[name][k], n_test) for k in ("full", key)})
         held_out = np.asarray(y_te)  # the held-out labels as scored (the same for every encoder)
-        res.update(n_train=len(ds_train), n_test=n_test, classes=len(np.unique(labels)),
-                   chance=100.0 * np.bincount(held_out[held_out >= 0]).max() / max((held_out >= 0).sum(), 1),
-                   gain_full=res["pretrained"]["full"] - res["random_init"]["full"],
-                   gain_full_se=float(np.hypot(res["pretrained"]["full_se"], res["random_init"]["full_se"])),
-                   **{f"gain_{key}": res["pretrained"][key] - res["random_init"][key],
-                      f"gain_{key}_se": float(np.hypot(res["pretrained"][f"{key}_se"],
-                                                       res["random_init"][f"{key}_se"]))})
+        res.update(n_train=len(ds_train) // 2 if paired else len(ds_train), n_test=n_test,
+                   classes=len(np.unique(labels)), paired=paired,
+                   chance=50.0 if paired else
+                   100.0 * np.bincount(held_out[held_out >= 0]).max() / max((held_out >= 0).sum(), 1))
+        if "pretrained" in res and "random_init" in res:
+            pre, rnd = res["pretrained"], res["random_init"]
+            for k in ("full", key):
+                res[f"gain_{k}"] = pre[k] - rnd[k]
+                res[f"gain_{k}_se"] = float(np.hypot(pre[f"{k}_se"], rnd[f"{k}_se"]))
         results[task.name] = res
     if not results:
         raise UnlabelledData("; ".join(unlabelled))
@@ -361,14 +424,19 @@ def format_probe(res: dict) -> str:
     key = f"{res['shots']}shot"
     lines = []
     for task, r in res["tasks"].items():
+        unit = "pairs" if r.get("paired") else "examples"
         lines += [f"linear probe: {task} ({r['classes']} classes, {res['pool']}-pooled features, step "
-                  f"{res['step']}, {r['n_train']} train / {r['n_test']} held-out examples)",
+                  f"{res['step']}, {r['n_train']} train / {r['n_test']} held-out {unit})",
                   f"  {'encoder':<12} {'full':>7}{'':5} {key:>8}"]
         for name in ("pretrained", "teacher", "random_init"):
             e = r[name]
             lines.append(f"  {name:<12} {e['full']:>6.1f}% ±{e.get('full_se', 0):.1f} "
                          f"{e[key]:>7.1f}% ±{e.get(key + '_se', 0):.1f}")
-        if "chance" in r:
+        if r.get("paired"):
+            lines.append(f"  scored per pair: which of a line's two versions is as written (chance 50%; "
+                         f"{res['shots']}-shot: {res['shots']} train pairs); ± is one standard error over "
+                         f"the {r['n_test']} held-out pairs")
+        elif "chance" in r:
             lines.append(f"  chance (always the most common held-out class): {r['chance']:.1f}%; ± is one "
                          f"standard error over the {r['n_test']} held-out examples")
         gains = []

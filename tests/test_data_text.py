@@ -499,7 +499,7 @@ def test_prepare_fortunes_from_fake_source(tmp_path, monkeypatch):
         assert order == sorted(order)  # source order kept
 
 
-def test_word_order_dataset_same_bag_of_tokens(tmp_path):
+def test_word_order_dataset_is_minimal_pairs(tmp_path):
     from d2v.data.text import WordOrderDataset
 
     lines = [" ".join(f"word{(7 * i + j) % 50} and more text here" for j in range(3)) for i in range(40)]
@@ -508,15 +508,22 @@ def test_word_order_dataset_same_bag_of_tokens(tmp_path):
     tok = train_tokenizer([tmp_path / "c" / "x" / "a.txt"], 300, tmp_path / "tok.json")
     base = TextLineDataset(scan_text_source(tmp_path / "c"), tok, max_len=64)
     ds = WordOrderDataset(base, seed=3, min_tokens=8)
-    assert len(ds) == 40  # the 1-word line is too short to shuffle
-    assert 10 < sum(ds.labels) < 30 and ds.labels == WordOrderDataset(base, seed=3).labels
-    for i in range(len(ds)):
-        orig = base[ds.indices[i]]["tokens"]
-        got = ds[i]["tokens"]
+    assert len(ds) == 80 and ds.paired  # the 1-word line is too short to shuffle; each other one twice
+    assert ds.labels == [1, 0] * 40
+    other_seed = WordOrderDataset(base, seed=4, min_tokens=8)
+    for k in range(40):
+        orig = base[ds.indices[k]]["tokens"]
+        written, shuffled = ds[2 * k], ds[2 * k + 1]
+        assert (written["label"], shuffled["label"]) == (1, 0)
+        assert torch.equal(written["tokens"], orig)
+        got = shuffled["tokens"]
         assert got[0] == orig[0] == BOS_ID and got[1] == orig[1]  # <s> and the first token stay
-        assert sorted(got.tolist()) == sorted(orig.tolist())
-        assert torch.equal(got, orig) == (ds.labels[i] == 1)
-        assert torch.equal(got, ds[i]["tokens"])  # deterministic
+        assert sorted(got.tolist()) == sorted(orig.tolist()) and not torch.equal(got, orig)
+        assert torch.equal(got, ds[2 * k + 1]["tokens"])  # deterministic
+    assert any(not torch.equal(ds[2 * k + 1]["tokens"], other_seed[2 * k + 1]["tokens"]) for k in range(40))
+    assert torch.equal(ds[-1]["tokens"], ds[79]["tokens"])
+    with pytest.raises(IndexError, match="out of range for 80"):
+        ds[80]
 
 
 def test_scan_symlink_loop_lists_each_file_once(tmp_path):

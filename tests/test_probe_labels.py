@@ -58,3 +58,15 @@ def test_image_probe_test_only_class_is_an_error(tmp_path):
         probe_encoders(_cfg(tmp_path), {"pretrained": enc, "random_init": enc}, "mean", 5, 0,
                        torch.device("cpu"))
     assert str(tmp_path / "test") in str(err.value)
+
+
+def test_probe_runs_only_the_named_tasks_and_needs_no_random_init(tmp_path):
+    _write_split(tmp_path / "train", ("a", "b"), n=6)
+    _write_split(tmp_path / "test", ("a", "b"), n=3)
+    enc = MeanPixel()
+    res = probe_encoders(_cfg(tmp_path), {"pretrained": enc}, "mean", 5, 0, torch.device("cpu"),
+                         tasks=["class"])
+    assert list(res) == ["class"] and res["class"]["pretrained"]["full"] == 100.0
+    assert "gain_full" not in res["class"]  # no random init, no gain
+    with pytest.raises(ValueError, match=r"\['word'\] unknown for image.*\['class'\]"):
+        probe_encoders(_cfg(tmp_path), {"pretrained": enc}, "mean", 5, 0, torch.device("cpu"), tasks=["word"])

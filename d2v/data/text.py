@@ -764,13 +764,17 @@ class TextLineDataset(torch.utils.data.Dataset):
 
 
 class WordOrderDataset(torch.utils.data.Dataset):
-    """A word-order probe built from labelled lines: each example of `base` with more than
-    `min_tokens` tokens appears once, either as written (label 1) or with its tokens after <s> and
-    the first token randomly permuted (label 0), 50/50 by a fixed seed. Both classes have exactly
-    the same bag of tokens, so features that ignore order (a bag of embeddings) score chance;
-    above-chance accuracy measures what the encoder learned about English word order from context."""
+    """A word-order probe in minimal pairs, built from lines: each line of `base` with more than
+    `min_tokens` tokens appears twice, as written (item 2k, label 1) and with its tokens after <s> and
+    the first token randomly permuted (item 2k + 1, label 0; the permutation fixed by `seed`).
+
+    The two items of a pair hold exactly the same tokens, so features that ignore order (a bag of
+    embeddings) cannot tell them apart, and the topic or length of a line says nothing about its label
+    (each line is in both classes). The probe scores it pair by pair (`paired`): the classifier picks,
+    of the two versions of a held-out line, the one it rates more likely as written; chance is 50%."""
 
     classes = ["shuffled", "original"]
+    paired = True  # items 2k, 2k + 1 are one line as written and shuffled (d2v.probe scores pairs)
 
     def __init__(self, base: TextLineDataset, *, seed: int = 0, min_tokens: int = 8):
         self.base, self.root, self.seed = base, base.root, int(seed)
@@ -778,16 +782,19 @@ class WordOrderDataset(torch.utils.data.Dataset):
         self.indices = [i for i in range(len(base)) if int(lengths[i]) > min_tokens]
         if not self.indices:
             raise ValueError(f"WordOrderDataset: no line of {base.root} has more than {min_tokens} tokens")
-        g = seeded_generator("word-order", self.seed)
-        self.labels: list[int] = torch.randint(0, 2, (len(self.indices),), generator=g).tolist()
+        self.labels: list[int] = [1, 0] * len(self.indices)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return 2 * len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        tokens = self.base[self.indices[i]]["tokens"]
-        if self.labels[i] == 0:
-            g = seeded_generator("word-order-item", self.seed, i)
+        i = operator.index(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"WordOrderDataset: index {i} out of range for {len(self)} items")
+        line, shuffled = divmod(i % len(self), 2)
+        tokens = self.base[self.indices[line]]["tokens"]
+        if shuffled:
+            g = seeded_generator("word-order-item", self.seed, line)
             # <s> and the first token stay: the first word is the one BPE token without a leading
             # space, so moving it would mark shuffled lines by position alone
             body = tokens[2:]
@@ -795,7 +802,7 @@ class WordOrderDataset(torch.utils.data.Dataset):
             while body.numel() > 1 and torch.equal(body[perm], body):  # never "shuffled" into itself
                 perm = torch.randperm(body.numel(), generator=g)
             tokens = torch.cat([tokens[:2], body[perm]])
-        return {"tokens": tokens, "label": self.labels[i]}
+        return {"tokens": tokens, "label": 1 - shuffled}
 
 
 # ---- collates -----------------------------------------------------------------------------
