@@ -3,18 +3,23 @@ vs the data2vec 1.0-style step (full-length student with a mask embedding, one m
 head), on the embedded data: the paper's headline is equal quality in much less time.
 
 Each run is a real `d2v pretrain` in its own process, checkpointing every `--ckpt-every` steps (all
-kept). Afterwards every checkpoint is probed (`d2v.probe.run_probe`: logistic regression on frozen
-features, full and few-shot, student and teacher, vs the same-seed random init) and placed at the
-training wall time `elapsed_s` that metrics.csv logged at its step; the random init is the point at 0 s.
-Probing is not timed. Run the benchmark on an otherwise idle machine: the curves are wall-clock.
+kept). Afterwards every checkpoint is probed (d2v.probe's logistic regression on frozen features, full
+and few-shot, the student and, unless --no-teacher, the EMA teacher; the same-seed random init once, as
+the point at 0 s; --task limits the tasks) and placed at the training wall time `elapsed_s` that
+metrics.csv logged at its step. Probing is not timed. Run the benchmark on an otherwise idle machine:
+the curves are wall-clock.
 
 Results: one row per (run, checkpoint) appended to benchmarks/results/time_to_quality.csv, a markdown
-table per run appended to time_to_quality.md (with the headline: when d2v 2.0 first matched the 1.0
-run's final accuracy), and the plot time_to_quality_<device>.png.
+table per run appended to time_to_quality.md (with the headline: each run's best few-shot accuracy, when
+each first reached the other's best, and the probe's noise), and the plot
+time_to_quality_<modality>_<device>.png (+-1 standard error shaded).
 
 Run (CPU, ~15 min: two ~6 min runs + probes):
     .venv/bin/python benchmarks/bench_time_to_quality.py
 Other recipes: --runs d2v2=configs/tiny_image.yaml d2v1=configs/tiny_image_d2v1.yaml (NAME=RECIPE ...)
+The speech race (~20 min):
+    .venv/bin/python benchmarks/bench_time_to_quality.py --runs d2v2=configs/tiny_audio.yaml \
+        d2v1=configs/tiny_audio_d2v1.yaml --task word --no-teacher --ckpt-every 125
 """
 from __future__ import annotations
 
@@ -55,40 +60,70 @@ def train(name: str, config: str, out: Path, overrides: list[str]) -> float:
     return time.time() - t0
 
 
-def probe_run(name: str, config: str, out: Path) -> list[dict]:
-    """Probe every checkpoint of a run -> rows (one per checkpoint and task, plus step 0)."""
+def _probe(ck: Path, tasks: list[str] | None, teacher: bool, random_init: bool) -> tuple[dict, dict]:
+    """Probe one checkpoint's student (and its EMA teacher, and the same-seed random init, when asked)
+    -> ({task: result of d2v.probe.probe_encoders}, its run_probe-like header)."""
+    from d2v.config import Config
+    from d2v.model import build_model
+    from d2v.probe import probe_encoders, teacher_encoder
+    from d2v.rng import seed_everything
+    from d2v.weights import load_weights
+
+    state, cfg_dict, ck = load_weights(ck)
+    cfg = Config.from_dict(cfg_dict)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.train.seed)
+    rnd = build_model(cfg).to(dev)  # the run's step-0 student (same seed)
+    student = build_model(cfg).to(dev)
+    student.load_state_dict(state["model"])
+    encoders = {"pretrained": student}
+    if teacher:
+        encoders["teacher"] = teacher_encoder(student, state["teacher"], ck)
+    if random_init:
+        encoders["random_init"] = rnd
+    res = probe_encoders(cfg, encoders, cfg.probe.pool, cfg.probe.shots, cfg.probe.seed, dev,
+                         ck.parent.parent, tasks)
+    return res, {"shots": cfg.probe.shots, "step": int(state["step"])}
+
+
+def probe_run(name: str, config: str, out: Path, tasks: list[str] | None = None,
+              teacher: bool = True) -> list[dict]:
+    """Probe every checkpoint of a run -> rows (one per checkpoint and task, plus step 0: the random
+    init, probed once with the first checkpoint)."""
     from d2v.metrics import read_metrics
-    from d2v.probe import run_probe
 
     elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in read_metrics(out / "metrics.csv")}
     cks = sorted((out / "checkpoints").glob("step_*"))
     if not cks:
         raise RuntimeError(f"[{name}] no checkpoints in {out / 'checkpoints'}")
-    rows = []
+    rows, random_acc = [], {}
     for i, ck in enumerate(cks):
         step = int(ck.name.split("_")[1])
         if step not in elapsed:
             raise RuntimeError(f"[{name}] metrics.csv has no row for step {step}: make --ckpt-every a "
                                f"multiple of train.log_every")
         t0 = time.time()
-        res = run_probe(ck)
-        k = f"{res['shots']}shot"
-        for task, r in res["tasks"].items():
-            base = {"run": name, "config": config, "task": task, "shots": res["shots"], "n_test": r["n_test"],
-                    "random_full": f"{r['random_init']['full']:.2f}",
-                    "random_fewshot": f"{r['random_init'][k]:.2f}"}
+        res, head = _probe(ck, tasks, teacher, random_init=i == 0)
+        k = f"{head['shots']}shot"
+        for task, r in res.items():
+            if i == 0:
+                random_acc[task] = (f"{r['random_init']['full']:.2f}", f"{r['random_init'][k]:.2f}")
+            base = {"run": name, "config": config, "task": task, "shots": head["shots"],
+                    "n_test": r["n_test"], "random_full": random_acc[task][0],
+                    "random_fewshot": random_acc[task][1]}
             if i == 0:  # the random init is the step-0 point of the curve
                 rows.append({**base, "step": 0, "train_s": "0.0", "student_full": base["random_full"],
                              "student_fewshot": base["random_fewshot"], "teacher_full": base["random_full"],
                              "teacher_fewshot": base["random_fewshot"], "note": "random init"})
+            tch = r.get("teacher", {})
             rows.append({**base, "step": step, "train_s": f"{elapsed[step]:.3f}",
                          "student_full": f"{r['pretrained']['full']:.2f}",
                          "student_fewshot": f"{r['pretrained'][k]:.2f}",
-                         "teacher_full": f"{r['teacher']['full']:.2f}",
-                         "teacher_fewshot": f"{r['teacher'][k]:.2f}",
+                         "teacher_full": f"{tch['full']:.2f}" if tch else "",
+                         "teacher_fewshot": f"{tch[k]:.2f}" if tch else "",
                          "note": ""})
         accs = ", ".join(f"{t} full {r['pretrained']['full']:.1f}% / {k} {r['pretrained'][k]:.1f}%"
-                         for t, r in res["tasks"].items())
+                         for t, r in res.items())
         print(f"[{name}] step {step:>6d} at {elapsed[step]:7.1f} s: {accs} (probe {time.time() - t0:.0f} s)",
               flush=True)
     return rows
@@ -98,10 +133,15 @@ def _first_reach(curve: list[tuple[float, float]], target: float) -> float | Non
     return next((t for t, acc in curve if acc >= target), None)
 
 
+def _se(acc_pct: float, n: int) -> float:
+    p = acc_pct / 100.0
+    return 100.0 * math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
+
+
 def headline(rows: list[dict], fast: str, slow: str) -> str:
-    """When did `fast` and `slow` each first reach `slow`'s final few-shot accuracy (first task)?
-    Both times are first crossings (the slow run may get there before its last checkpoint), and the
-    line states the probe's sampling noise: one binomial standard error at the test-set size."""
+    """The race on the first task's few-shot accuracy: each run's best, and when each first reached
+    the other's best (a run that never did says so), with the probe's sampling noise (one binomial
+    standard error at the test-set size) and whether the two bests differ by more than 2 SE."""
     task = rows[0]["task"]
 
     def curve(run):
@@ -111,20 +151,29 @@ def headline(rows: list[dict], fast: str, slow: str) -> str:
     f, s = curve(fast), curve(slow)
     if not f or not s:
         return ""
-    target = s[-1][1]
-    t_slow, t_fast = _first_reach(s, target), _first_reach(f, target)
     shots = rows[0]["shots"]
     n = int(rows[0].get("n_test") or 0)
-    se = 100 * math.sqrt(target / 100 * (1 - target / 100) / n) if n else float("nan")
-    verdict = "tie (within 2 SE)" if abs(f[-1][1] - target) < 2 * se else "differ by more than 2 SE"
-    noise = (f" | probe noise: 1 SE = {se:.1f} pts at {n} test examples; final accuracies {f[-1][1]:.1f}% "
-             f"({fast}) vs {target:.1f}% ({slow}) {verdict}") if n else ""
-    if t_fast is None:
-        return (f"{fast} did not reach {slow}'s final {shots}-shot {task} accuracy ({target:.1f}%, first at "
-                f"{t_slow:.0f} s); its best was {max(a for _, a in f):.1f}%" + noise)
-    return (f"{slow} first reached its final {shots}-shot {task} accuracy ({target:.1f}%) after "
-            f"{t_slow:.0f} s, {fast} after {t_fast:.0f} s: {t_slow / max(t_fast, 1e-9):.1f}x less time"
-            + noise)
+    best_f, best_s = max(a for _, a in f), max(a for _, a in s)
+    se_f, se_s = _se(best_f, n), _se(best_s, n)
+    gap = best_f - best_s
+    verdict = "tie (within 2 SE)" if abs(gap) < 2 * math.hypot(se_f, se_s) else "differ by more than 2 SE"
+
+    def reach(run, curve_, target):
+        t = _first_reach(curve_, target)
+        if t is None:
+            return f"{run} never (its best: {max(a for _, a in curve_):.1f}%)"
+        return f"{run} at {t:.0f} s"
+
+    parts = [f"{shots}-shot {task}: best {best_f:.1f}% ±{se_f:.1f} ({fast}) vs {best_s:.1f}% ±{se_s:.1f} "
+             f"({slow}): {verdict}",
+             f"{slow}'s best ({best_s:.1f}%) reached by {reach(fast, f, best_s)}, {reach(slow, s, best_s)}",
+             f"{fast}'s best ({best_f:.1f}%) reached by {reach(fast, f, best_f)}, {reach(slow, s, best_f)}"]
+    t_f, t_s = _first_reach(f, best_s), _first_reach(s, best_s)
+    if t_f is not None and t_s is not None and t_f > 0:
+        parts.append(f"{fast} needs {t_s / t_f:.1f}x less time to reach {slow}'s best")
+    if n:
+        parts.append(f"probe noise: 1 SE = {_se(50.0, n):.1f} pts at most, {n} held-out examples")
+    return " | ".join(parts)
 
 
 def plot(rows: list[dict], png: Path, st: dict) -> Path:
@@ -140,8 +189,13 @@ def plot(rows: list[dict], png: Path, st: dict) -> Path:
             rs = [r for r in rows if r["run"] == run and r["task"] == task]
             t = [float(r["train_s"]) for r in rs]
             c = f"C{i}"
-            ax.plot(t, [float(r["student_fewshot"]) for r in rs], "o-", color=c,
-                    label=f"{run} {rs[0]['shots']}-shot")
+            few = [float(r["student_fewshot"]) for r in rs]
+            n = int(rs[0].get("n_test") or 0)
+            ax.plot(t, few, "o-", color=c, label=f"{run} {rs[0]['shots']}-shot")
+            if n:  # the probe's sampling noise: +-1 binomial SE over the held-out examples
+                se = [_se(a, n) for a in few]
+                ax.fill_between(t, [a - e for a, e in zip(few, se)], [a + e for a, e in zip(few, se)],
+                                color=c, alpha=0.15, lw=0, label=f"{run} ±1 SE")
             ax.plot(t, [float(r["student_full"]) for r in rs], "s--", color=c, alpha=0.6, label=f"{run} full")
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel(f"linear probe accuracy, {task} (%)")
@@ -163,6 +217,9 @@ def main(argv=None) -> int:
                     help="override every recipe's train.max_steps (0: keep)")
     ap.add_argument("--out-root", default="", help="where the runs go (default runs/time_to_quality_<time>)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    ap.add_argument("--task", nargs="*", default=None, metavar="TASK",
+                    help="probe only these tasks (default: all of the modality's; the first is the headline)")
+    ap.add_argument("--no-teacher", action="store_true", help="probe the student only, not the EMA teacher")
     ap.add_argument("--quick", action="store_true", help="smoke run: micro model, 2 steps, one checkpoint")
     ap.add_argument("--no-write", action="store_true", help="print only, do not append results")
     a = ap.parse_args(argv)
@@ -196,7 +253,7 @@ def main(argv=None) -> int:
         from d2v.config import load_config
 
         total = load_config(config, over).train.max_steps
-        run_rows = probe_run(name, config, out)
+        run_rows = probe_run(name, config, out, a.task, teacher=not a.no_teacher)
         for r in run_rows:
             r.update(st, max_steps=total)
             r["note"] = (r["note"] + "; " if r["note"] else "") + f"process wall {wall:.0f} s" + \
@@ -219,7 +276,10 @@ def main(argv=None) -> int:
             lines.append(f"**{line}**\n")
         append_markdown(md_path, lines + md_table(cols, rows),
                         "# Time to quality (append-only; rows also in time_to_quality.csv)")
-        png = plot(rows, out_dir / f"time_to_quality_{device_slug(st['device'])}.png", st)
+        from d2v.config import load_config
+
+        modality = load_config(runs[0][1], over).model.modality  # one plot per modality and device
+        png = plot(rows, out_dir / f"time_to_quality_{modality}_{device_slug(st['device'])}.png", st)
         for p in (csv_path, md_path, png):
             print(f"wrote {p}")
     return 0

@@ -94,7 +94,7 @@ def test_time_to_quality_rows(tmp_path):
     assert rows[0]["random_full"] == rows[1]["random_full"]  # the same random init at every checkpoint
     assert (tmp_path / "res" / "time_to_quality.md").exists()
     assert len(list((tmp_path / "res").glob("time_to_quality_*.png"))) == 1
-    assert "d2v1 first reached its final" in out or "did not reach d2v1's final" in out
+    assert "d2v1's best" in out and "reached by d2v2" in out
 
 
 def test_headline_reads_the_curves():
@@ -103,11 +103,16 @@ def test_headline_reads_the_curves():
     rows += [{"run": "b", "task": "class", "shots": 10, "n_test": 400, "train_s": t, "student_fewshot": acc}
              for t, acc in (("0", "50"), ("30", "75"), ("60", "75"))]
     line = ttq.headline(rows, "a", "b")
-    # b first reached its final 75% at 30 s (not at its last checkpoint, 60 s); a at 20 s
-    assert "b first reached its final 10-shot class accuracy (75.0%) after 30 s, a after 20 s: 1.5x" in line
-    assert "1 SE = 2.2 pts at 400 test examples" in line  # sqrt(.75 * .25 / 400)
-    assert "80.0% (a) vs 75.0% (b) differ by more than 2 SE" in line  # 5 pts > 2 x 2.2
-    assert "did not reach" in ttq.headline(rows, "b", "a")
+    # bests 80% (a) and 75% (b); b first reached its best at 30 s (not at its last checkpoint, 60 s)
+    assert "10-shot class: best 80.0% ±2.0 (a) vs 75.0% ±2.2 (b)" in line  # sqrt(.8 * .2 / 400) ...
+    assert "tie (within 2 SE)" in line  # 5 pts < 2 x hypot(2.0, 2.2) = 5.9
+    assert "b's best (75.0%) reached by a at 20 s, b at 30 s" in line
+    assert "a's best (80.0%) reached by a at 20 s, b never (its best: 75.0%)" in line
+    assert "a needs 1.5x less time to reach b's best" in line
+    assert "1 SE = 2.5 pts at most, 400 held-out examples" in line
+    wide = [dict(r, n_test=4000) for r in rows]  # 10x the examples: the same 5 pts are beyond 2 SE
+    assert "differ by more than 2 SE" in ttq.headline(wide, "a", "b")
+    assert "less time" not in ttq.headline(rows, "b", "a")  # b never reaches a's best
 
 
 # ---------------------------------------------------------------------------- review fixes, in-process

@@ -30,8 +30,8 @@ from d2v.recipes import RECIPES_DIR, list_recipes, resolve_config_path
 from tests.utils import copy_sources, load_setup, scratch_venv
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["base_audio", "base_image", "base_text", "large_image", "tiny_audio", "tiny_image",
-           "tiny_image_d2v1", "tiny_text"]
+RECIPES = ["base_audio", "base_image", "base_text", "large_image", "tiny_audio", "tiny_audio_d2v1",
+           "tiny_image", "tiny_image_d2v1", "tiny_text"]
 CSRC = ["bindings.cpp", "ema.cpp", "ema.h", "ema_cuda.cu", "ema_cuda.h", "ema_cuda_host.cpp"]
 TORCH_MISSING = ("torch was not importable in pip's isolated build env; reinstall with "
                  "pip install --no-build-isolation .")
