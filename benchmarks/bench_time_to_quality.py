@@ -60,37 +60,12 @@ def train(name: str, config: str, out: Path, overrides: list[str]) -> float:
     return time.time() - t0
 
 
-def _probe(ck: Path, tasks: list[str] | None, teacher: bool, random_init: bool) -> tuple[dict, dict]:
-    """Probe one checkpoint's student (and its EMA teacher, and the same-seed random init, when asked)
-    -> ({task: result of d2v.probe.probe_encoders}, its run_probe-like header)."""
-    from d2v.config import Config
-    from d2v.model import build_model
-    from d2v.probe import probe_encoders, teacher_encoder
-    from d2v.rng import seed_everything
-    from d2v.weights import load_weights
-
-    state, cfg_dict, ck = load_weights(ck)
-    cfg = Config.from_dict(cfg_dict)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seed_everything(cfg.train.seed)
-    rnd = build_model(cfg).to(dev)  # the run's step-0 student (same seed)
-    student = build_model(cfg).to(dev)
-    student.load_state_dict(state["model"])
-    encoders = {"pretrained": student}
-    if teacher:
-        encoders["teacher"] = teacher_encoder(student, state["teacher"], ck)
-    if random_init:
-        encoders["random_init"] = rnd
-    res = probe_encoders(cfg, encoders, cfg.probe.pool, cfg.probe.shots, cfg.probe.seed, dev,
-                         ck.parent.parent, tasks)
-    return res, {"shots": cfg.probe.shots, "step": int(state["step"])}
-
-
 def probe_run(name: str, config: str, out: Path, tasks: list[str] | None = None,
               teacher: bool = True) -> list[dict]:
     """Probe every checkpoint of a run -> rows (one per checkpoint and task, plus step 0: the random
     init, probed once with the first checkpoint)."""
     from d2v.metrics import read_metrics
+    from d2v.probe import run_probe
 
     elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in read_metrics(out / "metrics.csv")}
     cks = sorted((out / "checkpoints").glob("step_*"))
@@ -103,12 +78,12 @@ def probe_run(name: str, config: str, out: Path, tasks: list[str] | None = None,
             raise RuntimeError(f"[{name}] metrics.csv has no row for step {step}: make --ckpt-every a "
                                f"multiple of train.log_every")
         t0 = time.time()
-        res, head = _probe(ck, tasks, teacher, random_init=i == 0)
-        k = f"{head['shots']}shot"
-        for task, r in res.items():
+        res = run_probe(ck, tasks=tasks, teacher=teacher, random_init=i == 0)
+        k = f"{res['shots']}shot"
+        for task, r in res["tasks"].items():
             if i == 0:
                 random_acc[task] = (f"{r['random_init']['full']:.2f}", f"{r['random_init'][k]:.2f}")
-            base = {"run": name, "config": config, "task": task, "shots": head["shots"],
+            base = {"run": name, "config": config, "task": task, "shots": res["shots"],
                     "n_test": r["n_test"], "random_full": random_acc[task][0],
                     "random_fewshot": random_acc[task][1]}
             if i == 0:  # the random init is the step-0 point of the curve
@@ -123,7 +98,7 @@ def probe_run(name: str, config: str, out: Path, tasks: list[str] | None = None,
                          "teacher_fewshot": f"{tch[k]:.2f}" if tch else "",
                          "note": ""})
         accs = ", ".join(f"{t} full {r['pretrained']['full']:.1f}% / {k} {r['pretrained'][k]:.1f}%"
-                         for t, r in res.items())
+                         for t, r in res["tasks"].items())
         print(f"[{name}] step {step:>6d} at {elapsed[step]:7.1f} s: {accs} (probe {time.time() - t0:.0f} s)",
               flush=True)
     return rows

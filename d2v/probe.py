@@ -113,10 +113,15 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(idx))
 
 
+def pair_items(pairs: np.ndarray) -> np.ndarray:
+    """Pair indices (P,) of a paired task -> the indices of their items (2P,): 2p, 2p + 1 for each p."""
+    pairs = np.asarray(pairs, dtype=np.int64)
+    return np.stack([2 * pairs, 2 * pairs + 1], 1).reshape(-1)
+
+
 def few_shot_pairs(n_pairs: int, shots: int, seed: int) -> np.ndarray:
     """The items of `shots` pairs (2p and 2p + 1, in order) of a paired task, fixed by seed."""
-    pick = np.sort(np.random.RandomState(seed).permutation(n_pairs)[:shots])
-    return np.stack([2 * pick, 2 * pick + 1], 1).reshape(-1)
+    return pair_items(np.sort(np.random.RandomState(seed).permutation(n_pairs)[:shots]))
 
 
 def _check_pairs(y: np.ndarray, where: str) -> None:
@@ -179,7 +184,7 @@ def logreg_accuracy(x_tr, y_tr, x_te, y_te, seed: int = 0, paired: bool = False)
     if folds >= MIN_CV_FOLDS and C > 1:
         if paired:  # split pairs, not items: a line must not sit in both the fit and the validation
             pairs = KFold(folds, shuffle=True, random_state=seed).split(np.arange(len(yt) // 2))
-            splits = [tuple(np.stack([2 * p, 2 * p + 1], 1).reshape(-1) for p in fold) for fold in pairs]
+            splits = [(pair_items(tr), pair_items(va)) for tr, va in pairs]
         else:
             skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
             splits = list(skf.split(xt.numpy(), yt.numpy()))
@@ -214,8 +219,8 @@ def _split_pairs(ds_all, seed: int):
     from sklearn.model_selection import train_test_split
 
     tr, te = train_test_split(np.arange(len(ds_all) // 2), test_size=HELD_OUT, random_state=seed)
-    items = [np.stack([2 * p, 2 * p + 1], 1).reshape(-1).tolist() for p in (np.sort(tr), np.sort(te))]
-    return torch.utils.data.Subset(ds_all, items[0]), torch.utils.data.Subset(ds_all, items[1])
+    sub = torch.utils.data.Subset
+    return sub(ds_all, pair_items(np.sort(tr)).tolist()), sub(ds_all, pair_items(np.sort(te)).tolist())
 
 
 def _test_to_train_labels(ds_train, ds_test) -> np.ndarray | None:
@@ -392,29 +397,37 @@ def teacher_encoder(student, teacher_state: dict, ck) -> torch.nn.Module:
 
 
 def run_probe(checkpoint: str | Path, pool: str | None = None, shots: int | None = None,
-              device: str | None = None) -> dict:
-    """Probe a checkpoint's student and teacher against a random init of the same shape and seed."""
+              device: str | None = None, tasks: list[str] | None = None, teacher: bool = True,
+              random_init: bool = True) -> dict:
+    """Probe a checkpoint's student and teacher against a random init of the same shape and seed.
+
+    `tasks` (names), `teacher=False` and `random_init=False` narrow the probe (benchmarks probing many
+    checkpoints); only a complete probe is written to the run's probe.json."""
     state, cfg_dict, ck = load_weights(checkpoint)
     cfg = Config.from_dict(cfg_dict)
     pool, shots = pool or cfg.probe.pool, shots or cfg.probe.shots
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.train.seed)
-    random_init = build_model(cfg).to(dev)  # identical to the run's step-0 student
+    rnd = build_model(cfg).to(dev)  # identical to the run's step-0 student
     student = build_model(cfg).to(dev)
     student.load_state_dict(state["model"])
-    teacher = teacher_encoder(student, state["teacher"], ck)
-    encoders = {"pretrained": student, "teacher": teacher, "random_init": random_init}
+    encoders = {"pretrained": student}
+    if teacher:
+        encoders["teacher"] = teacher_encoder(student, state["teacher"], ck)
+    if random_init:
+        encoders["random_init"] = rnd
     run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
     log.info(f"probe: {ck} (step {int(state['step'])}), {pool}-pooled features, on {dev}")
-    res = {"tasks": probe_encoders(cfg, encoders, pool, shots, cfg.probe.seed, dev, run_dir)}
+    res = {"tasks": probe_encoders(cfg, encoders, pool, shots, cfg.probe.seed, dev, run_dir, tasks)}
     res.update(checkpoint=str(ck), step=int(state["step"]), pool=pool, shots=shots,
                modality=cfg.model.modality)
     first = next(iter(res["tasks"].values()))  # headline numbers: the first task
     key = f"{shots}shot"
     for name in ("pretrained", "teacher", "random_init", "gain_full", f"gain_{key}", "n_train", "n_test"):
-        res[name] = first[name]
+        if name in first:
+            res[name] = first[name]
     out = ck.parent.parent / "probe.json"
-    if ck.parent.name == "checkpoints":
+    if ck.parent.name == "checkpoints" and tasks is None and teacher and random_init:
         out.write_text(json.dumps(res, indent=2))
         res["probe_json"] = str(out)
     return res
